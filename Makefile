@@ -1,0 +1,38 @@
+# `make test` and `make book` each create or refresh .venv from requirements.txt on their own.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Jupyter finds the venv's python3 kernel before any other one on the machine;
+# TensorFlow's C++ start-up lines stay out of every run.
+export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
+export TF_CPP_MIN_LOG_LEVEL := 3
+export TF_ENABLE_ONEDNN_OPTS := 0
+export KERAS_BACKEND := tensorflow
+export PYTHONHASHSEED := 0
+
+.PHONY: venv test book notebooks clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+## test: every test: the package, the notebook checks, nbval on every chapter, the book build
+test: venv
+	$(PY) -m pytest
+
+## book: builds the site into _build/html exactly from the outputs stored in the notebooks
+book: venv
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+## notebooks: re-executes every chapter top to bottom in a fresh kernel and stores the outputs
+notebooks: venv
+	$(PY) tools/notebooks.py $(or $(NB),chapters/*.ipynb)
+
+clean:
+	rm -rf _build .pytest_cache

@@ -1,0 +1,137 @@
+"""Input checks shared by every backend, written on shapes and dtype names only.
+
+Each backend turns its tensors into plain tuples and dtype names and calls
+these, so a bad input gets the same exception and the same sentence in NumPy,
+PyTorch and Keras, raised before any framework op can fail three frames down.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {name}={value}")
+
+
+def check_heads(d_model: int, num_heads: int) -> None:
+    if d_model % num_heads:
+        raise ValueError(
+            f"d_model={d_model} is not divisible by num_heads={num_heads}: "
+            f"every head needs the same size D = E / H"
+        )
+
+
+def check_float(where: str, name: str, shape: tuple, dtype: str) -> None:
+    if dtype not in FLOATS:
+        raise TypeError(f"{where}: {name} must be a float tensor, got dtype {dtype} with shape {shape}")
+
+
+def check_rank(where: str, name: str, shape: tuple, rank: int, legend: str) -> None:
+    if len(shape) != rank:
+        raise ValueError(f"{where}: {name} must have rank {rank} {legend}, got shape {shape}")
+
+
+def check_axis(axis, ndim: int) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"softmax: axis must be an int, got {type(axis).__name__} {axis!r}")
+    if not -ndim <= axis < max(ndim, 1):
+        raise ValueError(f"softmax: axis={axis} is out of range for an input of rank {ndim}")
+
+
+def same(a, b) -> bool:
+    """Two sizes agree; None (a size Keras does not know while tracing) agrees with any."""
+    return a is None or b is None or a == b
+
+
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """True when an array of `shape` broadcasts to `target` without changing it."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or same(s, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def broadcast_shapes(*shapes: tuple) -> tuple | None:
+    """NumPy's broadcasting of several shapes, or None where they clash."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for dims in zip(*[(1,) * (ndim - len(s)) + tuple(s) for s in shapes]):
+        sizes = {d for d in dims if d != 1 and d is not None}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def check_attention(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype) -> tuple:
+    """Checks q (..., T, D), k (..., S, D), v (..., S, Dv); returns the scores' shape (..., T, S)."""
+    where = "scaled_dot_product_attention"
+    for name, shape, dtype in (("query", q_shape, q_dtype), ("key", k_shape, k_dtype), ("value", v_shape, v_dtype)):
+        check_float(where, name, shape, dtype)
+        if len(shape) < 2:
+            raise ValueError(f"{where}: {name} must have rank >= 2 (..., length, size), got shape {shape}")
+    if len({q_dtype, k_dtype, v_dtype}) > 1:
+        raise TypeError(
+            f"{where}: query, key and value must share one dtype, got {q_dtype}, {k_dtype} and {v_dtype}"
+        )
+    if not same(q_shape[-1], k_shape[-1]):
+        raise ValueError(
+            f"{where}: query and key must have the same head size D (last axis), "
+            f"got query {q_shape} and key {k_shape}"
+        )
+    if not same(k_shape[-2], v_shape[-2]):
+        raise ValueError(
+            f"{where}: key and value must have the same length S (axis -2), "
+            f"got key {k_shape} and value {v_shape}"
+        )
+    batch = broadcast_shapes(q_shape[:-2], k_shape[:-2], v_shape[:-2])
+    if batch is None:
+        raise ValueError(
+            f"{where}: the leading (batch, head) axes of query {q_shape}, key {k_shape} "
+            f"and value {v_shape} do not broadcast together"
+        )
+    return (*batch, q_shape[-2], k_shape[-2])
+
+
+def check_mask(where: str, shape: tuple, dtype: str, target: tuple, legend: str) -> None:
+    if dtype != "bool":
+        raise TypeError(
+            f"{where}: mask must be boolean (True = may attend), got dtype {dtype} with shape {shape}"
+        )
+    if not broadcasts_to(shape, target):
+        raise ValueError(
+            f"{where}: mask of shape {shape} does not broadcast to the scores' shape {legend} = {target}"
+        )
+
+
+def check_lengths(shape: tuple, values: list, s: int) -> None:
+    if len(shape) != 1:
+        raise ValueError(f"padding_mask: lengths must be a 1-D sequence of B ints, got shape {shape}")
+    bad = [n for n in values if not 0 <= n <= s]
+    if bad:
+        raise ValueError(f"padding_mask: every length must lie in [0, s={s}], got lengths {values}")
+
+
+def check_mha_inputs(d_model: int, q_shape, k_shape, v_shape, dtypes=("float32",) * 3) -> None:
+    """Checks the (B, T, E) / (B, S, E) inputs of a MultiHeadAttention layer."""
+    where = "MultiHeadAttention"
+    for name, shape, dtype in zip(("query", "key", "value"), (q_shape, k_shape, v_shape), dtypes):
+        check_float(where, name, shape, dtype)
+        if len(shape) != 3 or not same(shape[-1], d_model):
+            raise ValueError(
+                f"{where}: {name} must have shape (B, length, E) with E = d_model = {d_model}, got {shape}"
+            )
+    if not (same(q_shape[0], k_shape[0]) and same(q_shape[0], v_shape[0])):
+        raise ValueError(
+            f"{where}: query, key and value must have the same batch size B, "
+            f"got query {q_shape}, key {k_shape} and value {v_shape}"
+        )
+    if not same(k_shape[1], v_shape[1]):
+        raise ValueError(
+            f"{where}: key and value must have the same length S, got key {k_shape} and value {v_shape}"
+        )

@@ -1,0 +1,233 @@
+"""Multi-head attention in Keras 3, written with ``keras.ops`` only, so it runs on any backend.
+
+The same names and meaning as ``mha.numpy``. Functions accept NumPy arrays or
+backend tensors and return backend tensors; ``MultiHeadAttention`` is a
+``keras.layers.Layer``. ``to_builtin`` loads an ``mha.Weights`` into
+``keras.layers.MultiHeadAttention`` (see chapter 6 for its kernel shapes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from mha import Weights, _checks
+
+__all__ = [
+    "softmax",
+    "masked_softmax",
+    "causal_mask",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "split_heads",
+    "merge_heads",
+    "MultiHeadAttention",
+    "to_builtin",
+    "to_builtin_mask",
+]
+
+
+def _dtype(x) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape)
+
+
+def _tensor(x):
+    return x if isinstance(x, keras.KerasTensor) or ops.is_tensor(x) else ops.convert_to_tensor(x)
+
+
+def _normalize(x, axis: int):
+    """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN."""
+    m = ops.max(x, axis=axis, keepdims=True)
+    m = ops.where(ops.isinf(m) & (m < 0), ops.zeros_like(m), m)  # all -inf: subtract 0, every exp is 0
+    e = ops.exp(x - m)
+    total = ops.sum(e, axis=axis, keepdims=True)
+    return e / ops.where(total == 0, ops.ones_like(total), total)
+
+
+def _fill_masked(x, mask):
+    return ops.where(mask, x, ops.full_like(x, float("-inf")))
+
+
+def softmax(x, axis: int = -1):
+    """Numerically stable softmax: subtracting the row's max changes nothing but the overflow."""
+    x = _tensor(x)
+    _checks.check_float("softmax", "x", _shape(x), _dtype(x))
+    _checks.check_axis(axis, len(x.shape))
+    return _normalize(x, axis)
+
+
+def masked_softmax(x, mask, axis: int = -1):
+    """Softmax over the entries where `mask` is True; rows with no True entry give zeros."""
+    x, mask = _tensor(x), _tensor(mask)
+    _checks.check_float("masked_softmax", "x", _shape(x), _dtype(x))
+    _checks.check_axis(axis, len(x.shape))
+    _checks.check_mask("masked_softmax", _shape(mask), _dtype(mask), _shape(x), "x.shape")
+    return _normalize(_fill_masked(x, mask), axis)
+
+
+def causal_mask(t: int, s: int | None = None):
+    """Bool (T, S), True where query i may attend key j, that is j <= i."""
+    s = t if s is None else s
+    _checks.check_positive_int("t", t)
+    _checks.check_positive_int("s", s)
+    return ops.arange(s)[None, :] <= ops.arange(t)[:, None]  # (1, S) <= (T, 1) -> (T, S)
+
+
+def padding_mask(lengths, s: int):
+    """Bool (B, 1, 1, S), True on the first lengths[b] keys of sequence b (the real tokens)."""
+    _checks.check_positive_int("s", s)
+    lengths = _tensor(lengths)
+    if not _dtype(lengths).startswith(("int", "uint")):
+        raise TypeError(f"padding_mask: lengths must be integers, got dtype {_dtype(lengths)}")
+    _checks.check_lengths(_shape(lengths), ops.convert_to_numpy(lengths).tolist(), s)
+    keep = ops.arange(s, dtype=_dtype(lengths))[None, :] < lengths[:, None]  # (1, S) < (B, 1) -> (B, S)
+    return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
+
+
+def scaled_dot_product_attention(query, key, value, mask=None):
+    """softmax(q k^T / sqrt(D)) v for q (..., T, D), k (..., S, D), v (..., S, Dv).
+
+    `mask` is boolean, True = may attend, broadcastable to (..., T, S).
+    Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
+    """
+    q, k, v = _tensor(query), _tensor(key), _tensor(value)
+    scores_shape = _checks.check_attention(_shape(q), _shape(k), _shape(v), _dtype(q), _dtype(k), _dtype(v))
+    if mask is not None:
+        mask = _tensor(mask)
+        _checks.check_mask("scaled_dot_product_attention", _shape(mask), _dtype(mask), scores_shape, "(..., T, S)")
+    q = q * ops.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # cast: keep float16 float16
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2))  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    weights = _normalize(scores if mask is None else _fill_masked(scores, mask), -1)
+    return ops.matmul(weights, v), weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
+
+
+def split_heads(x, num_heads: int):
+    """(B, T, E) -> (B, H, T, D), einops 'b t (h d) -> b h t d'."""
+    x = _tensor(x)
+    _checks.check_rank("split_heads", "x", _shape(x), 3, "(B, T, E)")
+    _checks.check_positive_int("num_heads", num_heads)
+    _checks.check_heads(x.shape[-1], num_heads)
+    b, t = ops.shape(x)[0], ops.shape(x)[1]  # sizes, or tensors while Keras traces
+    x = ops.reshape(x, (b, t, num_heads, x.shape[-1] // num_heads))  # (B, T, E) -> (B, T, H, D)
+    return ops.transpose(x, (0, 2, 1, 3))  # (B, T, H, D) -> (B, H, T, D)
+
+
+def merge_heads(x):
+    """(B, H, T, D) -> (B, T, E), einops 'b h t d -> b t (h d)'; the inverse of split_heads."""
+    x = _tensor(x)
+    _checks.check_rank("merge_heads", "x", _shape(x), 4, "(B, H, T, D)")
+    b, t = ops.shape(x)[0], ops.shape(x)[2]
+    h, d = x.shape[1], x.shape[3]
+    x = ops.transpose(x, (0, 2, 1, 3))  # (B, H, T, D) -> (B, T, H, D)
+    return ops.reshape(x, (b, t, h * d))  # (B, T, H, D) -> (B, T, E)
+
+
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head attention as a ``keras.layers.Layer`` holding four (E, E) kernels.
+
+    Called as ``(query, key=None, value=None, mask=None)``: key defaults to
+    query and value to key. Returns (out (B, T, E), weights (B, H, T, S)).
+    ``get_weights()`` returns an ``mha.Weights`` (not Keras's list of arrays).
+    """
+
+    _NAMES = ("q", "k", "v", "o")
+
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        _checks.check_positive_int("d_model", d_model)
+        _checks.check_positive_int("num_heads", num_heads)
+        _checks.check_heads(d_model, num_heads)
+        self.d_model, self.num_heads, self.bias = d_model, num_heads, bias
+
+    def build(self, query_shape=None):
+        e = self.d_model
+        self.kernels = [
+            self.add_weight(name=f"w_{n}", shape=(e, e), initializer="glorot_uniform") for n in self._NAMES
+        ]
+        self.biases = [
+            self.add_weight(name=f"b_{n}", shape=(e,), initializer="zeros") if self.bias else None
+            for n in self._NAMES
+        ]
+
+    def _linear(self, x, i: int):
+        y = ops.matmul(x, self.kernels[i])  # (B, T, E) @ (E, E) -> (B, T, E)
+        return y if self.biases[i] is None else y + self.biases[i]
+
+    def call(self, query, key=None, value=None, mask=None):
+        key = query if key is None else key
+        value = key if value is None else value
+        _checks.check_mha_inputs(
+            self.d_model, _shape(query), _shape(key), _shape(value), (_dtype(query), _dtype(key), _dtype(value))
+        )
+        if mask is not None:
+            mask = _tensor(mask)
+            target = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+            _checks.check_mask("MultiHeadAttention", _shape(mask), _dtype(mask), target, "(B, H, T, S)")
+        h = self.num_heads
+        q = split_heads(self._linear(query, 0), h)  # (B, T, E) -> (B, H, T, D)
+        k = split_heads(self._linear(key, 1), h)  # (B, S, E) -> (B, H, S, D)
+        v = split_heads(self._linear(value, 2), h)  # (B, S, E) -> (B, H, S, D)
+        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, D), (B, H, T, S)
+        return self._linear(merge_heads(out), 3), weights  # (B, H, T, D) -> (B, T, E)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        # `mask` here is an attention mask, not a Keras sequence mask to hand downstream.
+        return None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias}
+
+    def get_weights(self) -> Weights:
+        """The layer's parameters as an ``mha.Weights``."""
+        if not self.built:
+            self.build()
+        ws = [k.numpy() for k in self.kernels]
+        bs = [None if b is None else b.numpy() for b in self.biases]
+        return Weights(self.num_heads, *ws, *bs)
+
+    @classmethod
+    def from_weights(cls, w: Weights) -> "MultiHeadAttention":
+        layer = cls(w.d_model, w.num_heads, bias=w.has_bias)
+        layer.build()
+        for kernel, bias, w_e, b_e in zip(layer.kernels, layer.biases, (w.w_q, w.w_k, w.w_v, w.w_o), w.biases()):
+            kernel.assign(w_e)
+            if bias is not None:
+                bias.assign(b_e)
+        return layer
+
+
+def to_builtin(w: Weights) -> keras.layers.MultiHeadAttention:
+    """A built ``keras.layers.MultiHeadAttention`` carrying exactly `w`.
+
+    Its kernels split the head axis out: query/key/value (E, H, D), output
+    (H, D, E). Call it as ``layer(query, value, key, attention_mask=...)``:
+    value comes second.
+    """
+    e, h, d = w.d_model, w.num_heads, w.head_dim
+    layer = keras.layers.MultiHeadAttention(num_heads=h, key_dim=d, use_bias=w.has_bias)
+    layer.build(query_shape=(None, None, e), value_shape=(None, None, e))
+    b_q, b_k, b_v, b_o = w.biases()
+    dense = (layer._query_dense, layer._key_dense, layer._value_dense)
+    for part, w_e, b_e in zip(dense, (w.w_q, w.w_k, w.w_v), (b_q, b_k, b_v)):
+        part.kernel.assign(w_e.reshape(e, h, d))  # (E, E) -> (E, H, D)
+        if w.has_bias:
+            part.bias.assign(b_e.reshape(h, d))  # (E,) -> (H, D)
+    layer._output_dense.kernel.assign(w.w_o.reshape(h, d, e))  # (E, E) -> (H, D, E)
+    if w.has_bias:
+        layer._output_dense.bias.assign(b_o)
+    return layer
+
+
+def to_builtin_mask(mask, batch: int, t: int, s: int):
+    """Our mask as ``keras.layers.MultiHeadAttention``'s ``attention_mask``: the same meaning
+    (True = may attend) but shaped (B, T, S), shared by every head."""
+    mask = _tensor(mask)
+    _checks.check_mask("to_builtin_mask", _shape(mask), _dtype(mask), (batch, 1, t, s), "(B, 1, T, S)")
+    return ops.broadcast_to(mask, (batch, 1, t, s))[:, 0]  # (B, 1, T, S) -> (B, T, S)

@@ -1,0 +1,95 @@
+"""Attention heatmaps from any backend's arrays (NumPy, torch, Keras/TensorFlow).
+
+Rows are queries (T, "who asks"), columns are keys (S, "who answers"); each
+row of a weights matrix sums to 1 (or 0 where it is fully masked).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["to_numpy", "heatmap", "heads"]
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy of a NumPy array, a torch tensor (even one that requires grad) or a Keras tensor."""
+    if hasattr(x, "detach"):  # torch
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # NumPy has no bfloat16
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # TensorFlow, Keras variables
+        x = x.numpy()
+    return np.array(x)
+
+
+def _matrix(weights, name: str) -> np.ndarray:
+    a = to_numpy(weights)
+    a = a.astype(np.float32) if a.dtype == bool else a
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a (T, S) matrix, got shape {a.shape}; pick one batch item and head")
+    return a
+
+
+def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=None, cmap="viridis", colorbar=True):
+    """Draws one (T, S) matrix of attention weights (or a boolean mask) and returns the Axes.
+
+    `queries` and `keys` label the rows and columns; `annotate` writes each
+    value in its cell (default: when the matrix is at most 10 x 10).
+    """
+    a = _matrix(weights, "heatmap")
+    t, s = a.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(1 + 0.45 * s, 9), min(0.8 + 0.45 * t, 9)))
+    vmax = 1.0 if a.min() >= 0 and a.max() <= 1 else None
+    im = ax.imshow(a, cmap=cmap, vmin=0 if vmax else None, vmax=vmax)
+    _label(ax, t, s, queries, keys)
+    if annotate is None:
+        annotate = t <= 10 and s <= 10
+    if annotate:
+        for i in range(t):
+            for j in range(s):
+                ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if im.norm(a[i, j]) > 0.5 else "white")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def heads(weights, queries=None, keys=None, *, batch: int = 0, ncols: int = 4, title=None, cmap="viridis"):
+    """Draws every head of (B, H, T, S) weights (item `batch`) or (H, T, S), one panel a head.
+
+    Returns the Figure.
+    """
+    a = to_numpy(weights)
+    if a.ndim == 4:
+        a = a[batch]
+    if a.ndim != 3:
+        raise ValueError(f"heads: expected weights (B, H, T, S) or (H, T, S), got shape {a.shape}")
+    h, t, s = a.shape
+    ncols = min(ncols, h)
+    nrows = -(-h // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows * max(t / s, 0.4)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= h:
+            ax.axis("off")
+            continue
+        ax.imshow(a[i], cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(f"head {i}", fontsize=10)
+        _label(ax, t, s, queries if i % ncols == 0 else None, keys, fontsize=7)
+        if i % ncols:
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _label(ax, t: int, s: int, queries, keys, fontsize: int = 9) -> None:
+    ax.set_xlabel("key (S)")
+    ax.set_ylabel("query (T)")
+    if keys is not None:
+        ax.set_xticks(range(s), [str(k) for k in keys], rotation=90 if s > 8 else 0, fontsize=fontsize)
+    if queries is not None:
+        ax.set_yticks(range(t), [str(q) for q in queries], fontsize=fontsize)
