@@ -66,6 +66,8 @@ def prepare(nb) -> None:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
             cell.metadata.pop("execution", None)
+            if "solution" in cell.metadata.get("tags", []):  # the site's toggle says what it hides
+                cell.metadata["mystnb"] = {"code_prompt_show": "Show solution", "code_prompt_hide": "Hide solution"}
     nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
 
 
