@@ -78,8 +78,11 @@ def heads(weights, queries=None, keys=None, *, batch: int = 0, ncols: int = 4, t
         ax.imshow(a[i], cmap=cmap, vmin=0, vmax=1)
         ax.set_title(f"head {i}", fontsize=10)
         _label(ax, t, s, queries if i % ncols == 0 else None, keys, fontsize=7)
-        if i % ncols:
+        if i % ncols:  # labels on the first column only
             ax.set_yticks([])
+            ax.set_ylabel("")
+        if i < h - ncols:  # key labels on the bottom row only
+            ax.set_xlabel("")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
