@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["to_numpy", "heatmap", "heads"]
 
@@ -24,7 +25,6 @@ def to_numpy(x) -> np.ndarray:
 
 def _matrix(weights, name: str) -> np.ndarray:
     a = to_numpy(weights)
-    a = a.astype(np.float32) if a.dtype == bool else a
     if a.ndim != 2:
         raise ValueError(f"{name}: expected a (T, S) matrix, got shape {a.shape}; pick one batch item and head")
     return a
@@ -37,6 +37,8 @@ def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=N
     value in its cell (default: when the matrix is at most 10 x 10).
     """
     a = _matrix(weights, "heatmap")
+    is_mask = a.dtype == bool
+    a = a.astype(np.float32) if is_mask else a
     t, s = a.shape
     if ax is None:
         _, ax = plt.subplots(figsize=(min(1 + 0.45 * s, 9), min(0.8 + 0.45 * t, 9)))
@@ -48,7 +50,7 @@ def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=N
     if annotate:
         for i in range(t):
             for j in range(s):
-                ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{a[i, j]:.0f}" if is_mask else f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="black" if im.norm(a[i, j]) > 0.5 else "white")
     if title:
         ax.set_title(title)
@@ -92,7 +94,11 @@ def heads(weights, queries=None, keys=None, *, batch: int = 0, ncols: int = 4, t
 def _label(ax, t: int, s: int, queries, keys, fontsize: int = 9) -> None:
     ax.set_xlabel("key (S)")
     ax.set_ylabel("query (T)")
-    if keys is not None:
+    if keys is None:  # token positions: whole numbers, never matplotlib's half-steps
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
         ax.set_xticks(range(s), [str(k) for k in keys], rotation=90 if s > 8 else 0, fontsize=fontsize)
-    if queries is not None:
+    if queries is None:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
         ax.set_yticks(range(t), [str(q) for q in queries], fontsize=fontsize)
