@@ -30,11 +30,14 @@ def _matrix(weights, name: str) -> np.ndarray:
     return a
 
 
-def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=None, cmap="viridis", colorbar=True):
+def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=None, cmap="viridis",
+            colorbar=True, vmin=None, vmax=None):
     """Draws one (T, S) matrix of attention weights (or a boolean mask) and returns the Axes.
 
     `queries` and `keys` label the rows and columns; `annotate` writes each
-    value in its cell (default: when the matrix is at most 10 x 10).
+    value in its cell (default: when the matrix is at most 10 x 10). Weights
+    are coloured on [0, 1] unless `vmin`/`vmax` say otherwise (many keys
+    make every weight small: pass ``vmax=w.max()`` to see their pattern).
     """
     a = _matrix(weights, "heatmap")
     is_mask = a.dtype == bool
@@ -42,8 +45,9 @@ def heatmap(weights, queries=None, keys=None, *, ax=None, title=None, annotate=N
     t, s = a.shape
     if ax is None:
         _, ax = plt.subplots(figsize=(min(1 + 0.45 * s, 9), min(0.8 + 0.45 * t, 9)))
-    vmax = 1.0 if a.min() >= 0 and a.max() <= 1 else None
-    im = ax.imshow(a, cmap=cmap, vmin=0 if vmax else None, vmax=vmax)
+    if vmin is None and vmax is None and a.min() >= 0 and a.max() <= 1:
+        vmin, vmax = 0.0, 1.0
+    im = ax.imshow(a, cmap=cmap, vmin=vmin, vmax=vmax)
     _label(ax, t, s, queries, keys)
     if annotate is None:
         annotate = t <= 10 and s <= 10
