@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -135,3 +137,47 @@ def check_mha_inputs(d_model: int, q_shape, k_shape, v_shape, dtypes=("float32",
         raise ValueError(
             f"{where}: key and value must have the same length S, got key {k_shape} and value {v_shape}"
         )
+
+
+# The encoder block of chapter 8 (mha.torch.EncoderBlock, mha.keras.EncoderBlock).
+
+def check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps) -> None:
+    for name, value in (("d_model", d_model), ("num_heads", num_heads), ("d_ff", d_ff)):
+        check_positive_int(name, value)
+    check_heads(d_model, num_heads)
+    for name, value in (("dropout", dropout), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"EncoderBlock: {name} must be a float, got {type(value).__name__} {value!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"EncoderBlock: dropout must lie in [0, 1), got dropout={dropout}")
+    if not eps > 0:
+        raise ValueError(f"EncoderBlock: eps must be positive, got eps={eps}")
+    if not isinstance(norm_first, bool):
+        raise TypeError(f"EncoderBlock: norm_first must be a bool, got {type(norm_first).__name__} {norm_first!r}")
+
+
+def block_shapes(e: int, f: int) -> dict[str, tuple]:
+    """The keys and shapes of ``EncoderBlock.to_numpy_dict()``; every weight is applied as ``x @ w``."""
+    return {
+        **{f"w_{n}": (e, e) for n in "qkvo"}, **{f"b_{n}": (e,) for n in "qkvo"},  # attention, as mha.Weights
+        "ln1_gamma": (e,), "ln1_beta": (e,), "ln2_gamma": (e,), "ln2_beta": (e,),  # LayerNorm scale, shift
+        "w_1": (e, f), "b_1": (f,), "w_2": (f, e), "b_2": (e,),  # FFN: (E -> d_ff) then (d_ff -> E)
+    }
+
+
+def check_block_dict(d) -> tuple[int, int]:
+    """Checks a dict laid out like ``to_numpy_dict()``; returns (d_model, d_ff)."""
+    where = "EncoderBlock.from_numpy_dict"
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: d must be a dict of NumPy arrays, got {type(d).__name__}")
+    if np.ndim(d.get("w_1")) != 2:
+        raise ValueError(f"{where}: d needs 'w_1' of shape (E, d_ff), got {np.shape(d.get('w_1'))}")
+    expected = block_shapes(*np.shape(d["w_1"]))
+    if set(d) != set(expected):
+        raise ValueError(
+            f"{where}: missing keys {sorted(set(expected) - set(d))}, unexpected keys {sorted(set(d) - set(expected))}"
+        )
+    for name, shape in expected.items():
+        if np.shape(d[name]) != shape:
+            raise ValueError(f"{where}: {name} must have shape {shape} (from w_1), got {np.shape(d[name])}")
+    return np.shape(d["w_1"])

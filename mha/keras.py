@@ -27,6 +27,7 @@ __all__ = [
     "MultiHeadAttention",
     "to_builtin",
     "to_builtin_mask",
+    "EncoderBlock",
 ]
 
 
@@ -231,3 +232,93 @@ def to_builtin_mask(mask, batch: int, t: int, s: int):
     mask = _tensor(mask)
     _checks.check_mask("to_builtin_mask", _shape(mask), _dtype(mask), (batch, 1, t, s), "(B, 1, T, S)")
     return ops.broadcast_to(mask, (batch, 1, t, s))[:, 0]  # (B, 1, T, S) -> (B, T, S)
+
+
+# The encoder block of chapter 8.
+
+class EncoderBlock(keras.layers.Layer):
+    """A transformer encoder block: self-attention and a position-wise FFN, each with a residual and LayerNorm.
+
+    post-LN (``norm_first=False``, the original):  x = LN(x + Drop(MHA(x)));  x = LN(x + Drop(FFN(x)))
+    pre-LN  (``norm_first=True``):                 x = x + Drop(MHA(LN(x)));  x = x + Drop(FFN(LN(x)))
+
+    FFN(x) = Dense(d_ff) -> ReLU -> Dropout -> Dense(E), dropout in the same places as ``mha.torch.EncoderBlock``.
+    Called as ``block(x, mask=None, training=None)``; Keras's ``training`` switches dropout on.
+    Returns (out (B, T, E), weights (B, H, T, T)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        _checks.check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        self.d_model, self.num_heads, self.d_ff, self.norm_first = d_model, num_heads, d_ff, norm_first
+        self.rate, self.eps = dropout, eps
+        self.attn = MultiHeadAttention(d_model, num_heads)
+        # Keras's LayerNormalization defaults to epsilon=1e-3, torch's nn.LayerNorm to 1e-5: pass eps on.
+        self.norm1 = keras.layers.LayerNormalization(epsilon=eps)
+        self.norm2 = keras.layers.LayerNormalization(epsilon=eps)
+        self.linear1 = keras.layers.Dense(d_ff)
+        self.linear2 = keras.layers.Dense(d_model)
+        self.dropout = keras.layers.Dropout(dropout)  # no weights: one layer serves all three places
+
+    def build(self, input_shape=None):
+        x_shape, h_shape = (None, None, self.d_model), (None, None, self.d_ff)
+        self.attn.build()
+        for layer, shape in ((self.norm1, x_shape), (self.norm2, x_shape), (self.linear1, x_shape),
+                             (self.linear2, h_shape)):
+            layer.build(shape)
+
+    def _ffn(self, x, training=None):
+        h = self.dropout(ops.relu(self.linear1(x)), training=training)  # (B, T, E) -> (B, T, d_ff)
+        return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
+
+    def call(self, x, mask=None, training=None):
+        shape = _shape(x)
+        _checks.check_float("EncoderBlock", "x", shape, _dtype(x))
+        if len(shape) != 3 or not _checks.same(shape[-1], self.d_model):
+            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
+                             f"got {shape}")
+        drop = lambda y: self.dropout(y, training=training)
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
+            a, weights = self.attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + drop(a)
+            x = x + drop(self._ffn(self.norm2(x), training))
+        else:  # post-LN: normalize each residual sum
+            a, weights = self.attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self.norm1(x + drop(a))
+            x = self.norm2(x + drop(self._ffn(x, training)))
+        return x, weights
+
+    def compute_mask(self, inputs, previous_mask=None):
+        # `mask` here is an attention mask, not a Keras sequence mask to hand downstream.
+        return None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "d_ff": self.d_ff,
+                "dropout": self.rate, "norm_first": self.norm_first, "eps": self.eps}
+
+    def _variables(self) -> dict:
+        """Each key of ``to_numpy_dict`` and the Keras variable behind it (Dense kernels are already (in, out))."""
+        if not self.built:
+            self.build()
+        attn = self.attn
+        return {
+            **{f"w_{n}": k for n, k in zip("qkvo", attn.kernels)}, **{f"b_{n}": b for n, b in zip("qkvo", attn.biases)},
+            "ln1_gamma": self.norm1.gamma, "ln1_beta": self.norm1.beta,
+            "ln2_gamma": self.norm2.gamma, "ln2_beta": self.norm2.beta,
+            "w_1": self.linear1.kernel, "b_1": self.linear1.bias, "w_2": self.linear2.kernel, "b_2": self.linear2.bias,
+        }
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array, applied as ``x @ w``."""
+        return {name: np.array(v.numpy(), dtype=np.float32) for name, v in self._variables().items()}
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "EncoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_block_dict(d)
+        block = cls(e, num_heads, f, dropout=dropout, norm_first=norm_first, eps=eps)
+        for name, variable in block._variables().items():
+            variable.assign(np.asarray(d[name], dtype=np.float32))
+        return block

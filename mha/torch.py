@@ -26,6 +26,7 @@ __all__ = [
     "MultiHeadAttention",
     "to_builtin",
     "to_builtin_mask",
+    "EncoderBlock",
 ]
 
 
@@ -227,3 +228,85 @@ def to_builtin_mask(mask: torch.Tensor, batch: int, num_heads: int, t: int, s: i
     _tensor("to_builtin_mask", "mask", mask)
     _checks.check_mask("to_builtin_mask", _shape(mask), _dtype(mask), (batch, num_heads, t, s), "(B, H, T, S)")
     return ~mask.expand(batch, num_heads, t, s).reshape(batch * num_heads, t, s)
+
+
+# The encoder block of chapter 8.
+
+class EncoderBlock(nn.Module):
+    """A transformer encoder block: self-attention and a position-wise FFN, each with a residual and LayerNorm.
+
+    post-LN (``norm_first=False``, the original):  x = LN(x + Drop(MHA(x)));  x = LN(x + Drop(FFN(x)))
+    pre-LN  (``norm_first=True``):                 x = x + Drop(MHA(LN(x)));  x = x + Drop(FFN(LN(x)))
+
+    FFN(x) = Linear(E, d_ff) -> ReLU -> Dropout -> Linear(d_ff, E), the same places for dropout as
+    ``nn.TransformerEncoderLayer`` (which also drops attention weights; this block does not).
+    Called as ``block(x, mask=None)``; returns (out (B, T, E), weights (B, H, T, T)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5):
+        super().__init__()
+        _checks.check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        self.d_model, self.num_heads, self.d_ff, self.norm_first = d_model, num_heads, d_ff, norm_first
+        self.attn = MultiHeadAttention(d_model, num_heads)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)  # no state: one module serves all three places
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(torch.relu(self.linear1(x)))  # (B, T, E) -> (B, T, d_ff)
+        return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
+
+    def forward(self, x, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        _tensor("EncoderBlock", "x", x)
+        _checks.check_float("EncoderBlock", "x", _shape(x), _dtype(x))
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
+                             f"got {_shape(x)}")
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
+            a, weights = self.attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + self.dropout(a)
+            x = x + self.dropout(self._ffn(self.norm2(x)))
+        else:  # post-LN: normalize each residual sum
+            a, weights = self.attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self.norm1(x + self.dropout(a))
+            x = self.norm2(x + self.dropout(self._ffn(x)))
+        return x, weights
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array, applied as ``x @ w`` (``nn.Linear`` weights transposed)."""
+        w = self.attn.get_weights()
+        t = lambda p: p.detach().cpu().float().numpy().copy()
+        return {
+            "w_q": w.w_q, "w_k": w.w_k, "w_v": w.w_v, "w_o": w.w_o,
+            "b_q": w.b_q, "b_k": w.b_k, "b_v": w.b_v, "b_o": w.b_o,
+            "ln1_gamma": t(self.norm1.weight), "ln1_beta": t(self.norm1.bias),
+            "ln2_gamma": t(self.norm2.weight), "ln2_beta": t(self.norm2.bias),
+            "w_1": t(self.linear1.weight.T), "b_1": t(self.linear1.bias),  # nn.Linear stores (out, in)
+            "w_2": t(self.linear2.weight.T), "b_2": t(self.linear2.bias),
+        }
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "EncoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_block_dict(d)
+        d = {name: np.asarray(value, dtype=np.float32) for name, value in d.items()}
+        block = cls(e, num_heads, f, dropout=dropout, norm_first=norm_first, eps=eps)
+        block.attn = MultiHeadAttention.from_weights(Weights(num_heads, *(d[f"w_{n}"] for n in "qkvo"),
+                                                             *(d[f"b_{n}"] for n in "qkvo")))
+        params = {
+            "norm1.weight": d["ln1_gamma"], "norm1.bias": d["ln1_beta"],
+            "norm2.weight": d["ln2_gamma"], "norm2.bias": d["ln2_beta"],
+            "linear1.weight": d["w_1"].T, "linear1.bias": d["b_1"],
+            "linear2.weight": d["w_2"].T, "linear2.bias": d["b_2"],
+        }
+        with torch.no_grad():
+            for name, value in params.items():
+                block.get_parameter(name).copy_(_from_numpy(value))
+        return block
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, norm_first={self.norm_first}"
