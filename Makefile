@@ -13,7 +13,7 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 export KERAS_BACKEND := tensorflow
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test book notebooks clean
+.PHONY: venv test book notebooks bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ book: venv
 ## notebooks: re-executes every chapter top to bottom in a fresh kernel and stores the outputs
 notebooks: venv
 	$(PY) tools/notebooks.py $(or $(NB),chapters/*.ipynb)
+
+## bench: times seven attention implementations over T = 128 ... 8192 in one process, then the speed
+## targets; writes benchmarks/results/ (a CSV each, and time.png, memory.png). Takes a few minutes.
+bench: venv
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf _build .pytest_cache

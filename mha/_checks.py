@@ -70,9 +70,9 @@ def broadcast_shapes(*shapes: tuple) -> tuple | None:
     return tuple(out)
 
 
-def check_attention(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype) -> tuple:
+def check_attention(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype,
+                    where: str = "scaled_dot_product_attention") -> tuple:
     """Checks q (..., T, D), k (..., S, D), v (..., S, Dv); returns the scores' shape (..., T, S)."""
-    where = "scaled_dot_product_attention"
     for name, shape, dtype in (("query", q_shape, q_dtype), ("key", k_shape, k_dtype), ("value", v_shape, v_dtype)):
         check_float(where, name, shape, dtype)
         if len(shape) < 2:

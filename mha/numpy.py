@@ -18,6 +18,7 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "scaled_dot_product_attention",
+    "tiled_attention",
     "split_heads",
     "merge_heads",
     "MultiHeadAttention",
@@ -28,14 +29,27 @@ def _dtype(x) -> str:
     return x.dtype.name
 
 
+def _safe_max(x: np.ndarray, axis: int) -> np.ndarray:
+    """The max along `axis`, kept as a size-1 axis, with 0 where a row is all -inf (all masked)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    m[np.isneginf(m)] = 0  # all -inf: subtract 0, every exp is 0 (m is ours: writing into it is safe)
+    return m
+
+
+def _normalize_inplace(x: np.ndarray, axis: int) -> np.ndarray:
+    """_normalize, overwriting `x`: only for an array this module created, never a caller's."""
+    with np.errstate(over="ignore"):  # min - max may round to -inf; exp(-inf) = 0 is right
+        x -= _safe_max(x, axis)
+        np.exp(x, out=x)  # in place: no second array of the scores' size
+    total = np.sum(x, axis=axis, keepdims=True)
+    total[total == 0] = 1  # an all-masked row sums to 0: divide by 1 and keep its zeros
+    x /= total
+    return x
+
+
 def _normalize(x: np.ndarray, axis: int) -> np.ndarray:
     """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN."""
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isneginf(m), 0, m)  # all -inf: subtract 0, every exp is 0
-    with np.errstate(over="ignore"):  # min - max may round to -inf; exp(-inf) = 0 is right
-        e = np.exp(x - m)
-    total = np.sum(e, axis=axis, keepdims=True)
-    return e / np.where(total == 0, 1, total)
+    return _normalize_inplace(np.array(x, copy=True), axis)  # the copy keeps the caller's x intact
 
 
 def softmax(x, axis: int = -1) -> np.ndarray:
@@ -85,10 +99,73 @@ def scaled_dot_product_attention(query, key, value, mask=None) -> tuple[np.ndarr
     if mask is not None:
         mask = np.asarray(mask)
         _checks.check_mask("scaled_dot_product_attention", mask.shape, _dtype(mask), scores_shape, "(..., T, S)")
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # a Python float keeps float32 float32
+    # Row-major copies (no-ops where they already are): every product below gets plain matrices.
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale q (T x D), not the scores (T x S); a Python float keeps float32
     scores = q @ np.swapaxes(k, -1, -2)  # (..., T, D) @ (..., D, S) -> (..., T, S)
-    weights = _normalize(scores if mask is None else np.where(mask, scores, -np.inf), -1)
+    if mask is not None:
+        np.copyto(scores, -np.inf, where=~mask)  # in place: scores is ours, and no second (T, S) array
+    weights = _normalize_inplace(scores, -1)  # the scores become the weights, in the same memory
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
+
+
+def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.ndarray:
+    """scaled_dot_product_attention's output, computed tile by tile with the online softmax.
+
+    The same contract (q (..., T, D), k (..., S, D), v (..., S, Dv); `mask` boolean,
+    True = may attend, broadcastable to (..., T, S); fully masked rows give zeros) and
+    the same errors, but it returns only `out` (..., T, Dv): it never holds the (T, S)
+    weights, only one (..., block_size, block_size) block of scores at a time (chapter 9).
+    """
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    where = "tiled_attention"
+    scores_shape = _checks.check_attention(q.shape, k.shape, v.shape, _dtype(q), _dtype(k), _dtype(v), where)
+    if mask is not None:
+        mask = np.asarray(mask)
+        _checks.check_mask(where, mask.shape, _dtype(mask), scores_shape, "(..., T, S)")
+        mask = np.broadcast_to(mask, scores_shape)  # a view, so it can be sliced tile by tile
+    _checks.check_positive_int("block_size", block_size)
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)  # as in SDPA: BLAS-friendly
+    *batch, t, _ = scores_shape
+    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+    for i in range(0, t, block_size):  # query tiles are independent: each gets its own softmax
+        rows = slice(i, i + block_size)
+        tile_mask = None if mask is None else mask[..., rows, :]
+        out[..., rows, :] = _attend_query_tile(q[..., rows, :], k, v, tile_mask, block_size)
+    return out
+
+
+def _attend_query_tile(q, k, v, mask, block_size: int) -> np.ndarray:
+    """Attention for one tile of queries q (..., Tb, D), streaming over the keys block by block."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tb, D); a Python float keeps float32 float32
+    m = np.full((*q.shape[:-1], 1), -np.inf, dtype=q.dtype)  # (..., Tb, 1) running max: nothing seen yet
+    l = np.zeros_like(m)  # (..., Tb, 1) running sum of exp(score - m)
+    acc = np.zeros_like(m)  # running sum of exp(score - m) * value; grows to (..., Tb, Dv)
+    for j in range(0, k.shape[-2], block_size):
+        cols = slice(j, j + block_size)
+        block_mask = None if mask is None else mask[..., cols]
+        m, l, acc = _online_softmax_step(q, k[..., cols, :], v[..., cols, :], block_mask, m, l, acc)
+    l[l == 0] = 1  # a query that may attend nothing: acc is 0, so its output stays 0
+    return acc / l  # (..., Tb, Dv)
+
+
+def _online_softmax_step(q, k, v, mask, m, l, acc):
+    """Folds one block of keys k (..., Sb, D) and values v (..., Sb, Dv) into the running (m, l, acc).
+
+    When the block raises a query's max from m to m_new, everything summed so far was
+    relative to m, so l and acc are rescaled by exp(m - m_new) before the block is added.
+    """
+    p = q @ np.swapaxes(k, -1, -2)  # (..., Tb, D) @ (..., D, Sb) -> (..., Tb, Sb): the only big array
+    if mask is not None:
+        np.copyto(p, -np.inf, where=~mask)  # p is ours: fill in place
+    m_new = np.maximum(m, np.max(p, axis=-1, keepdims=True))  # (..., Tb, 1)
+    shift = np.where(np.isneginf(m_new), 0, m_new)  # nothing seen yet: subtract 0, not -inf (no NaN)
+    p -= shift
+    np.exp(p, out=p)  # the block's unnormalized weights, in place
+    rescale = np.exp(m - shift)  # (..., Tb, 1): exp(m - m_new) <= 1, and 0 while m is -inf
+    l = rescale * l + np.sum(p, axis=-1, keepdims=True)  # (..., Tb, 1)
+    acc = rescale * acc + p @ v  # (..., Tb, Sb) @ (..., Sb, Dv) -> (..., Tb, Dv)
+    return m_new, l, acc  # p is freed on return: one (Tb, Sb) block at a time
 
 
 def split_heads(x, num_heads: int) -> np.ndarray:
@@ -111,7 +188,11 @@ def merge_heads(x) -> np.ndarray:
 
 
 def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    return x @ w if b is None else x @ w + b  # (B, T, E) @ (E, E) -> (B, T, E)
+    """x @ w + b, as one (B*T, E) @ (E, E) product: one large BLAS call rather than B small ones."""
+    y = x.reshape(-1, x.shape[-1]) @ w  # (B, T, E) -> (B*T, E) @ (E, E) -> (B*T, E)
+    if b is not None:
+        y += b  # in place: y is ours, so no second (B*T, E) array
+    return y.reshape(*x.shape[:-1], w.shape[-1])  # (B*T, E) -> (B, T, E)
 
 
 class MultiHeadAttention:

@@ -1,0 +1,132 @@
+"""The seven multi-head attention forwards the benchmark races, all carrying one `mha.Weights`.
+
+Each `make_*` function takes the weights and returns `forward(x)`, a function of a
+NumPy (B, T, E) float32 input that runs one self-attention forward (no mask) and
+returns its output as a NumPy array. Inputs are converted to each framework's
+tensors once, before timing; converting the output back is part of the forward
+(it is a copy of a (B, T, E) array, negligible next to attention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import mha
+from mha import numpy as mnp
+
+
+def make_numpy(w: mha.Weights):
+    layer = mnp.MultiHeadAttention.from_weights(w)
+    return lambda x: layer(x)[0]  # it also returns the (B, H, T, S) weights: it computes them either way
+
+
+def make_numpy_tiled(w: mha.Weights):
+    """The same projections as mha.numpy, with tiled_attention in the middle: no (T, S) matrix."""
+    h = w.num_heads
+
+    def forward(x):
+        b, t, e = x.shape
+        x2 = x.reshape(b * t, e)  # (B, T, E) -> (B*T, E): one matrix product per projection
+        q, k, v = (mnp.split_heads((x2 @ w_ + b_).reshape(b, t, e), h) for w_, b_ in
+                   ((w.w_q, w.b_q), (w.w_k, w.b_k), (w.w_v, w.b_v)))  # (B, H, T, D) each
+        out = mnp.tiled_attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v))
+        return mnp.merge_heads(out) @ w.w_o + w.b_o  # (B, H, T, D) -> (B, T, E)
+
+    return forward
+
+
+def _torch(x):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def make_torch(w: mha.Weights):
+    import torch
+
+    import mha.torch
+
+    layer = mha.torch.MultiHeadAttention.from_weights(w).eval()
+
+    def forward(x):
+        with torch.inference_mode():
+            return layer(x)[0].numpy()
+
+    return forward
+
+
+def make_torch_sdpa(w: mha.Weights):
+    """The same four projections in torch around the fused kernel F.scaled_dot_product_attention."""
+    import torch
+    import torch.nn.functional as F
+
+    h = w.num_heads
+    ws = [_torch(a.T) for a in (w.w_q, w.w_k, w.w_v, w.w_o)]  # F.linear wants (out, in), like nn.Linear
+    bs = [_torch(a) for a in w.biases()]
+
+    def forward(x):
+        b, t, e = x.shape
+        with torch.inference_mode():
+            q, k, v = (F.linear(x, ws[i], bs[i]).view(b, t, h, e // h).transpose(1, 2) for i in range(3))
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D), never the (T, S) matrix
+            return F.linear(out.transpose(1, 2).reshape(b, t, e), ws[3], bs[3]).numpy()
+
+    return forward
+
+
+def make_torch_builtin(w: mha.Weights):
+    """torch.nn.MultiheadAttention in eval mode, asked for no weights: its fast path, which calls SDPA."""
+    import torch
+
+    import mha.torch
+
+    layer = mha.torch.to_builtin(w)
+
+    def forward(x):
+        with torch.inference_mode():
+            return layer(x, x, x, need_weights=False)[0].numpy()
+
+    return forward
+
+
+def make_keras(w: mha.Weights):
+    import keras
+
+    import mha.keras
+
+    layer = mha.keras.MultiHeadAttention.from_weights(w)
+    return lambda x: keras.ops.convert_to_numpy(layer(x)[0])
+
+
+def make_keras_builtin(w: mha.Weights):
+    import keras
+
+    import mha.keras
+
+    layer = mha.keras.to_builtin(w)
+    return lambda x: keras.ops.convert_to_numpy(layer(x, x))  # (query, value): value comes second
+
+
+# name -> (maker, how the input is handed over, plot colour, plot marker, line style)
+CONTESTANTS = {
+    "mha.numpy": (make_numpy, np.asarray, "tab:blue", "o", "-"),
+    "mha.numpy tiled": (make_numpy_tiled, np.asarray, "tab:blue", "s", "--"),
+    "mha.torch": (make_torch, _torch, "tab:red", "o", "-"),
+    "torch SDPA": (make_torch_sdpa, _torch, "tab:red", "s", "--"),
+    "torch.nn.MultiheadAttention": (make_torch_builtin, _torch, "tab:orange", "^", ":"),
+    "mha.keras": (make_keras, None, "tab:green", "o", "-"),
+    "keras MultiHeadAttention": (make_keras_builtin, None, "tab:olive", "^", ":"),
+}
+
+
+def keras_input(x):
+    import keras
+
+    return keras.ops.convert_to_tensor(x)
+
+
+def build(name: str, w: mha.Weights, x: np.ndarray):
+    """(forward, input): the contestant `name` loaded with `w`, and `x` as its framework's tensor."""
+    maker, convert, *_ = CONTESTANTS[name]
+    convert = convert or keras_input
+    return maker(w), convert(x)

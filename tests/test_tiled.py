@@ -1,0 +1,148 @@
+"""tiled_attention gives scaled_dot_product_attention's output without ever holding the (T, S) weights.
+
+Property tests over random shapes (T != S, broadcast batch axes, block sizes
+that do and do not divide S), masks (padding, causal, random, fully masked
+rows), dtypes and bad inputs; then a tracemalloc check that its peak memory
+stays far below the naive path's (T, S) arrays.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mha import numpy as mnp
+
+MASK_KINDS = ["none", "random", "causal", "padding", "fully masked rows"]
+
+
+def make_mask(kind: str, rng, lead: tuple, t: int, s: int):
+    """A boolean mask broadcastable to (*lead, T, S), or None."""
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return mnp.causal_mask(t, s)  # (T, S): broadcasts over every leading axis
+    if kind == "padding":
+        return np.arange(s) < rng.integers(0, s + 1, size=(*lead, 1, 1))  # (*lead, 1, S), some rows empty
+    mask = rng.random((*lead, t, s)) < 0.6  # (*lead, T, S)
+    if kind == "fully masked rows":
+        mask[..., rng.integers(0, t), :] = False  # one query may attend nothing
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    t=st.integers(1, 40),
+    s=st.integers(1, 40),
+    d=st.integers(1, 9),
+    dv=st.integers(1, 6),
+    block_size=st.integers(1, 48),
+    mask_kind=st.sampled_from(MASK_KINDS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_tiled_equals_naive(lead, t, s, d, dv, block_size, mask_kind, dtype, seed):
+    rng = np.random.default_rng(seed)
+    lead = tuple(lead)
+    q = (3 * rng.standard_normal((*lead, t, d))).astype(dtype)  # large scores: the running max moves
+    k = rng.standard_normal((*lead, s, d)).astype(dtype)
+    v = rng.standard_normal((*lead, s, dv)).astype(dtype)
+    mask = make_mask(mask_kind, rng, lead, t, s)
+    naive, weights = mnp.scaled_dot_product_attention(q, k, v, mask)
+    tiled = mnp.tiled_attention(q, k, v, mask, block_size=block_size)
+    assert tiled.dtype == dtype and tiled.shape == naive.shape == (*lead, t, dv)
+    np.testing.assert_allclose(tiled, naive, rtol=0, atol=1e-5)
+    empty = ~weights.any(axis=-1)  # (*lead, T): rows that may attend nothing
+    assert (tiled[empty] == 0).all() and np.isfinite(tiled).all()
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 5, 8, 100])
+def test_block_sizes_that_do_and_do_not_divide_s(block_size):
+    rng = np.random.default_rng(block_size)
+    q, k, v = (rng.standard_normal((2, 3, n, 4)).astype(np.float32) for n in (6, 8, 8))
+    mask = mnp.causal_mask(6, 8)
+    naive, _ = mnp.scaled_dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(mnp.tiled_attention(q, k, v, mask, block_size=block_size), naive, atol=1e-6)
+
+
+def test_broadcast_batch_axes_and_inputs_left_untouched():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 3, 7, 4)).astype(np.float32) for _ in range(2))  # shared over B
+    before = [a.copy() for a in (q, k, v)]
+    naive, _ = mnp.scaled_dot_product_attention(q, k, v)
+    np.testing.assert_allclose(mnp.tiled_attention(q, k, v, block_size=3), naive, atol=1e-6)
+    for a, b in zip((q, k, v), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_row_masked_gives_zeros_not_nan():
+    q, k, v = (np.ones((2, n, 4), np.float32) for n in (3, 5, 5))
+    out = mnp.tiled_attention(q, k, v, np.zeros((3, 5), bool), block_size=2)
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dtype_in_is_dtype_out(dtype):
+    q = np.ones((1, 2, 3, 4), dtype)
+    assert mnp.tiled_attention(q, q, q, block_size=2).dtype == dtype
+
+
+f32 = lambda *shape: np.zeros(shape, np.float32)
+BAD_INPUTS = [  # (id, (query, key, value, mask)): each one a bad call of scaled_dot_product_attention
+    ("q/k head sizes differ", (f32(2, 3, 8), f32(2, 4, 4), f32(2, 4, 4), None)),
+    ("k/v lengths differ", (f32(2, 3, 8), f32(2, 4, 8), f32(2, 5, 8), None)),
+    ("query of rank 1", (f32(8), f32(4, 8), f32(4, 8), None)),
+    ("batch axes do not broadcast", (f32(2, 3, 8), f32(3, 4, 8), f32(3, 4, 8), None)),
+    ("integer query", (np.zeros((2, 3, 8), np.int64), f32(2, 4, 8), f32(2, 4, 8), None)),
+    ("mixed dtypes", (f32(2, 3, 8), np.zeros((2, 4, 8)), f32(2, 4, 8), None)),
+    ("float mask", (f32(2, 3, 8), f32(2, 4, 8), f32(2, 4, 8), np.ones((3, 4), np.float32))),
+    ("mask (S, T) instead of (T, S)", (f32(2, 3, 8), f32(2, 4, 8), f32(2, 4, 8), np.ones((4, 3), bool))),
+    ("mask of higher rank", (f32(3, 8), f32(4, 8), f32(4, 8), np.ones((2, 3, 4), bool))),
+]
+
+
+@pytest.mark.parametrize("args", [a for _, a in BAD_INPUTS], ids=[i for i, _ in BAD_INPUTS])
+def test_bad_input_raises_what_sdpa_raises(args):
+    """The same exception type and the same sentence as scaled_dot_product_attention (naming itself), on entry."""
+    with pytest.raises((TypeError, ValueError)) as naive:
+        mnp.scaled_dot_product_attention(*args)
+    with pytest.raises((TypeError, ValueError)) as tiled:
+        mnp.tiled_attention(*args)
+    assert type(tiled.value) is type(naive.value)
+    assert str(tiled.value) == str(naive.value).replace("scaled_dot_product_attention", "tiled_attention")
+    assert str(tiled.value).startswith("tiled_attention: ")
+
+
+@pytest.mark.parametrize("block_size, error", [(0, ValueError), (-4, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_bad_block_size(block_size, error):
+    q = np.ones((3, 4), np.float32)
+    with pytest.raises(error, match="block_size"):
+        mnp.tiled_attention(q, q, q, block_size=block_size)
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes NumPy allocated while `fn` ran (NumPy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tiled_memory_stays_far_below_the_naive_scores():
+    b, h, t, d, block = 1, 2, 1024, 16, 64
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, h, t, d)).astype(np.float32) for _ in range(3))
+    scores_bytes = b * h * t * t * 4  # one float32 (T, S) matrix per head: 8 MiB here
+    out_bytes = b * h * t * d * 4
+    naive = peak_bytes(lambda: mnp.scaled_dot_product_attention(q, k, v))
+    tiled = peak_bytes(lambda: mnp.tiled_attention(q, k, v, block_size=block))
+    assert naive >= scores_bytes  # the naive path holds at least the whole (T, S) matrix
+    assert tiled - out_bytes < scores_bytes / 16  # the tiled one, a few (block, block) tiles
