@@ -39,11 +39,11 @@ def to_f64(backend: str, x) -> np.ndarray:
     return np.asarray(x, np.float64)
 
 
-@pytest.mark.parametrize("backend", OURS)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [(b, d) for b in OURS for d in ["float16", "bfloat16", "float32", "float64"] if (b, d) != ("numpy", "bfloat16")],
+)  # NumPy has no bfloat16 arithmetic of its own
 def test_softmax_survives_the_dtype_max(backend, dtype):
-    if dtype == "bfloat16" and backend == "numpy":
-        pytest.skip("NumPy has no bfloat16 arithmetic of its own")
     big = float(ml_dtypes.finfo(dtype).max) if dtype == "bfloat16" else float(np.finfo(dtype).max)
     x = np.array([[big, big / 2, 0.0, -big], [big, big, big, big], [-big, -big, 0.0, 0.0]])
     tdtype = {"torch": getattr(torch, dtype)}.get(backend, dtype)
