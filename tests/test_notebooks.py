@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import notebooks as nbtool  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
-TOC_FILES = [f for f in [TOC["root"]] + [c["file"] for c in TOC["chapters"]] if f != "chapters/references"]
+PAGES = {"chapters/references", "chapters/run_locally"}  # plain Markdown pages, not notebooks
+TOC_FILES = [f for f in [TOC["root"]] + [c["file"] for c in TOC["chapters"]] if f not in PAGES]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip", "skip-execution"}
 MACHINE_TEXT = re.compile(r"/work/|/root/|/home/|/Users/|/tmp/ipykernel|\.venv/|0x[0-9a-fA-F]{6,}")
@@ -107,3 +108,14 @@ def test_exempt_cells_say_why(nb):
         if tags:
             first = cell.source.splitlines()[0]
             assert first.startswith("# Not compared:"), f"{tags} without a reason: {first}"
+
+
+def test_repository_named_as_in_config():
+    """Every `git clone` or `pip install git+...` in the prose names the repository in _config.yml."""
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    texts = {p.name: "\n".join(c.source for c in load(p).cells if c.cell_type == "markdown") for p in CHAPTERS}
+    texts.update({p.name: p.read_text() for p in (ROOT / "chapters").glob("*.md")})
+    texts["README.md"] = (ROOT / "README.md").read_text()
+    for name, text in texts.items():
+        for found in re.findall(r"(?:git clone |git\+)(https://github\.com/[\w.-]+/[\w-]+)", text):
+            assert found == url, f"{name} names {found}, _config.yml {url}"
