@@ -22,6 +22,8 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "MultiHeadAttention",
+    "layer_norm",
+    "EncoderBlock",
 ]
 
 
@@ -246,3 +248,89 @@ class MultiHeadAttention:
     def __repr__(self) -> str:
         return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads})"
 
+
+
+# The encoder block of chapter 8.
+
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Normalizes each token's E features to mean 0, variance 1 (biased, as torch and Keras), then scales."""
+    mu = x.mean(axis=-1, keepdims=True)  # (B, T, E) -> (B, T, 1)
+    var = x.var(axis=-1, keepdims=True)  # (B, T, 1)
+    return (x - mu) / np.sqrt(var + np.float32(eps)) * gamma + beta  # (B, T, E); float32 eps keeps float32
+
+
+class EncoderBlock:
+    """A transformer encoder block in NumPy: the reference for ``mha.torch`` and ``mha.keras``.
+
+    post-LN (``norm_first=False``, the original):  x = LN(x + MHA(x));  x = LN(x + FFN(x))
+    pre-LN  (``norm_first=True``):                 x = x + MHA(LN(x));  x = x + FFN(LN(x))
+
+    FFN(x) = ReLU(x @ w_1 + b_1) @ w_2 + b_2. NumPy has no training mode, so the block
+    always runs as the others do in eval mode: ``dropout`` is kept for the same
+    signature and is never applied. Called as ``block(x, mask=None)``; returns
+    (out (B, T, E), weights (B, H, T, T)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5, *, seed: int = 0):
+        _checks.check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        rng = np.random.default_rng(seed)
+        draw = lambda fan_in, *shape: rng.uniform(-fan_in**-0.5, fan_in**-0.5, shape).astype(np.float32)
+        w = Weights.random(d_model, num_heads, seed=seed)
+        ones, zeros = np.ones(d_model, np.float32), np.zeros(d_model, np.float32)
+        params = {
+            **{f"w_{n}": getattr(w, f"w_{n}") for n in "qkvo"}, **{f"b_{n}": getattr(w, f"b_{n}") for n in "qkvo"},
+            "ln1_gamma": ones, "ln1_beta": zeros, "ln2_gamma": ones, "ln2_beta": zeros,
+            "w_1": draw(d_model, d_model, d_ff), "b_1": draw(d_model, d_ff),
+            "w_2": draw(d_ff, d_ff, d_model), "b_2": draw(d_ff, d_model),
+        }
+        self._set(params, num_heads, dropout, norm_first, eps)
+
+    def _set(self, params: dict, num_heads: int, dropout: float, norm_first: bool, eps: float) -> None:
+        self.p = {name: np.array(value, dtype=np.float32) for name, value in params.items()}  # copies
+        self.d_model, self.d_ff = self.p["w_1"].shape
+        self.num_heads, self.dropout, self.norm_first, self.eps = num_heads, dropout, norm_first, eps
+        self.attn = MultiHeadAttention.from_weights(
+            Weights(num_heads, *(self.p[f"w_{n}"] for n in "qkvo"), *(self.p[f"b_{n}"] for n in "qkvo"))
+        )
+
+    def _norm(self, x: np.ndarray, i: int) -> np.ndarray:
+        return layer_norm(x, self.p[f"ln{i}_gamma"], self.p[f"ln{i}_beta"], self.eps)
+
+    def _ffn(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum(_linear(x, self.p["w_1"], self.p["b_1"]), 0)  # (B, T, E) -> (B, T, d_ff)
+        return _linear(h, self.p["w_2"], self.p["b_2"])  # (B, T, d_ff) -> (B, T, E)
+
+    def __call__(self, x, mask=None) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(x)
+        _checks.check_float("EncoderBlock", "x", x.shape, _dtype(x))
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
+                             f"got {x.shape}")
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
+            a, weights = self.attn(self._norm(x, 1), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + a
+            x = x + self._ffn(self._norm(x, 2))
+        else:  # post-LN: normalize each residual sum
+            a, weights = self.attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self._norm(x + a, 1)
+            x = self._norm(x + self._ffn(x), 2)
+        return x, weights
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array (copies), applied as ``x @ w``."""
+        return {name: value.copy() for name, value in self.p.items()}
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "EncoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_block_dict(d)
+        _checks.check_block_args(e, num_heads, f, dropout, norm_first, eps)
+        block = cls.__new__(cls)
+        block._set(d, num_heads, dropout, norm_first, eps)
+        return block
+
+    def __repr__(self) -> str:
+        return (f"mha.numpy.EncoderBlock(d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, "
+                f"norm_first={self.norm_first})")

@@ -15,7 +15,7 @@ import mha.torch
 
 ATOL = 1e-5
 B, T, E, H, F = 3, 7, 16, 4, 32
-BACKENDS = {"torch": mha.torch, "keras": mha.keras}
+BACKENDS = {"numpy": mnp, "torch": mha.torch, "keras": mha.keras}
 
 
 def x_input(seed: int = 0) -> np.ndarray:
@@ -84,6 +84,24 @@ def test_torch_and_keras_agree(norm_first, mask_kind):
     np.testing.assert_allclose(w_k, w_t, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "causal", "combined"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_numpy_reference_matches_torch(norm_first, mask_kind):
+    d, x, mask = random_dict(6), x_input(6), make_mask(mask_kind)
+    out_n, w_n = mnp.EncoderBlock.from_numpy_dict(d, H, norm_first=norm_first)(x, mask=mask)
+    out_t, w_t = run_torch(mha.torch.EncoderBlock.from_numpy_dict(d, H, norm_first=norm_first).eval(), x, mask)
+    assert out_n.dtype == np.float32 and out_n.shape == (B, T, E)
+    np.testing.assert_allclose(out_n, out_t, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(w_n, w_t, atol=ATOL, rtol=0)
+
+
+def test_numpy_layer_norm_by_hand():
+    x = np.array([[[1.0, 3.0]]], np.float32)  # mean 2, biased variance 1
+    out = mnp.layer_norm(x, np.array([2.0, 2.0], np.float32), np.array([0.5, 0.5], np.float32), eps=0.0)
+    np.testing.assert_allclose(out, [[[-1.5, 2.5]]])  # 2 * (-1, 1) + 0.5
+    assert out.dtype == np.float32
+
+
 def test_post_ln_and_pre_ln_differ():
     d, x = random_dict(2), x_input(2)
     post, _ = run_torch(mha.torch.EncoderBlock.from_numpy_dict(d, H).eval(), x)
@@ -126,7 +144,9 @@ def test_numpy_dict_round_trip(backend):
 def test_both_backends_use_the_same_keys_and_shapes():
     torch_dict = mha.torch.EncoderBlock(E, H, F).to_numpy_dict()
     keras_dict = mha.keras.EncoderBlock(E, H, F).to_numpy_dict()
-    assert {k: v.shape for k, v in torch_dict.items()} == {k: v.shape for k, v in keras_dict.items()}
+    numpy_dict = mnp.EncoderBlock(E, H, F).to_numpy_dict()
+    shapes = lambda d: {k: v.shape for k, v in d.items()}
+    assert shapes(torch_dict) == shapes(keras_dict) == shapes(numpy_dict)
     assert torch_dict["w_1"].shape == (E, F) and torch_dict["w_2"].shape == (F, E)
 
 
@@ -232,7 +252,7 @@ def test_bad_numpy_dicts(backend, make, num_heads, error, fragments):
 def test_bad_inputs(backend):
     module = BACKENDS[backend]
     block = module.EncoderBlock(E, H, F)
-    tensor = torch.from_numpy if backend == "torch" else keras.ops.convert_to_tensor
+    tensor = {"numpy": np.asarray, "torch": torch.from_numpy, "keras": keras.ops.convert_to_tensor}[backend]
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, E\) with E = d_model = 16, got \(3, 7, 8\)"):
         block(tensor(np.zeros((B, T, 8), np.float32)))
     with pytest.raises(ValueError, match=r"got \(7, 16\)"):
