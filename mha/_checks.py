@@ -156,6 +156,13 @@ def check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps) -> None
         raise TypeError(f"EncoderBlock: norm_first must be a bool, got {type(norm_first).__name__} {norm_first!r}")
 
 
+def check_block_input(d_model: int, shape: tuple, dtype: str) -> None:
+    """Checks the (B, T, E) input of an EncoderBlock."""
+    check_float("EncoderBlock", "x", shape, dtype)
+    if len(shape) != 3 or not same(shape[-1], d_model):
+        raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {d_model}, got {shape}")
+
+
 def block_shapes(e: int, f: int) -> dict[str, tuple]:
     """The keys and shapes of ``EncoderBlock.to_numpy_dict()``; every weight is applied as ``x @ w``."""
     return {

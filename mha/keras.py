@@ -273,11 +273,7 @@ class EncoderBlock(keras.layers.Layer):
         return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
 
     def call(self, x, mask=None, training=None):
-        shape = _shape(x)
-        _checks.check_float("EncoderBlock", "x", shape, _dtype(x))
-        if len(shape) != 3 or not _checks.same(shape[-1], self.d_model):
-            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
-                             f"got {shape}")
+        _checks.check_block_input(self.d_model, _shape(x), _dtype(x))
         drop = lambda y: self.dropout(y, training=training)
         if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
             a, weights = self.attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)

@@ -90,17 +90,23 @@ def padding_mask(lengths, s: int) -> np.ndarray:
     return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
 
 
+def _attention_inputs(where: str, query, key, value, mask):
+    """The checks on entry of both attention functions; returns arrays and the scores' shape (..., T, S)."""
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    scores_shape = _checks.check_attention(q.shape, k.shape, v.shape, _dtype(q), _dtype(k), _dtype(v), where)
+    if mask is not None:
+        mask = np.asarray(mask)
+        _checks.check_mask(where, mask.shape, _dtype(mask), scores_shape, "(..., T, S)")
+    return q, k, v, mask, scores_shape
+
+
 def scaled_dot_product_attention(query, key, value, mask=None) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q k^T / sqrt(D)) v for q (..., T, D), k (..., S, D), v (..., S, Dv).
 
     `mask` is boolean, True = may attend, broadcastable to (..., T, S).
     Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
     """
-    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
-    scores_shape = _checks.check_attention(q.shape, k.shape, v.shape, _dtype(q), _dtype(k), _dtype(v))
-    if mask is not None:
-        mask = np.asarray(mask)
-        _checks.check_mask("scaled_dot_product_attention", mask.shape, _dtype(mask), scores_shape, "(..., T, S)")
+    q, k, v, mask, _ = _attention_inputs("scaled_dot_product_attention", query, key, value, mask)
     # Row-major copies (no-ops where they already are): every product below gets plain matrices.
     q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
     q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale q (T x D), not the scores (T x S); a Python float keeps float32
@@ -119,12 +125,8 @@ def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.n
     the same errors, but it returns only `out` (..., T, Dv): it never holds the (T, S)
     weights, only one (..., block_size, block_size) block of scores at a time (chapter 9).
     """
-    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
-    where = "tiled_attention"
-    scores_shape = _checks.check_attention(q.shape, k.shape, v.shape, _dtype(q), _dtype(k), _dtype(v), where)
+    q, k, v, mask, scores_shape = _attention_inputs("tiled_attention", query, key, value, mask)
     if mask is not None:
-        mask = np.asarray(mask)
-        _checks.check_mask(where, mask.shape, _dtype(mask), scores_shape, "(..., T, S)")
         mask = np.broadcast_to(mask, scores_shape)  # a view, so it can be sliced tile by tile
     _checks.check_positive_int("block_size", block_size)
     q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)  # as in SDPA: BLAS-friendly
@@ -249,7 +251,6 @@ class MultiHeadAttention:
         return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads})"
 
 
-
 # The encoder block of chapter 8.
 
 def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -303,10 +304,7 @@ class EncoderBlock:
 
     def __call__(self, x, mask=None) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x)
-        _checks.check_float("EncoderBlock", "x", x.shape, _dtype(x))
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
-                             f"got {x.shape}")
+        _checks.check_block_input(self.d_model, x.shape, _dtype(x))
         if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
             a, weights = self.attn(self._norm(x, 1), mask=mask)  # (B, T, E), (B, H, T, T)
             x = x + a

@@ -261,10 +261,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         _tensor("EncoderBlock", "x", x)
-        _checks.check_float("EncoderBlock", "x", _shape(x), _dtype(x))
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"EncoderBlock: x must have shape (B, T, E) with E = d_model = {self.d_model}, "
-                             f"got {_shape(x)}")
+        _checks.check_block_input(self.d_model, _shape(x), _dtype(x))
         if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
             a, weights = self.attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
             x = x + self.dropout(a)
