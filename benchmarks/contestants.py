@@ -35,6 +35,40 @@ def make_numpy_tiled(w: mha.Weights):
     return forward
 
 
+def make_numpy_lower_bound(w: mha.Weights, exp_and_sum: bool = False):
+    """Not a contestant: a lower bound on the time of *any* NumPy forward built on np.matmul.
+
+    It runs exactly the matrix products of mha.numpy's forward (the four projections, QK^T and
+    weights @ V) with every product written with `out=` into buffers allocated once, outside
+    the timing: no time goes to allocating or to page faults, and there is no softmax, bias or
+    scaling. With `exp_and_sum` it adds the least any softmax must do, one np.exp per score
+    and one sum per row (no max subtracted, no division), both in place. Its output is
+    meaningless; only its time counts.
+    """
+    h = w.num_heads
+    buffers = {}
+
+    def forward(x):
+        b, t, e = x.shape
+        if x.shape not in buffers:
+            buffers[x.shape] = [np.empty(s, np.float32) for s in [(3, b * t, e), (b, h, t, e // h), (b, h, t, t),
+                                                                  (b, h, t, 1), (b, h, t, e // h), (b * t, e)]]
+        qkv, k_t, scores, sums, heads, out = buffers[x.shape]
+        x2 = x.reshape(b * t, e)  # (B, T, E) -> (B*T, E)
+        for i, w_ in enumerate((w.w_q, w.w_k, w.w_v)):
+            np.matmul(x2, w_, out=qkv[i])  # (B*T, E) @ (E, E)
+        q, k, v = (mnp.split_heads(a.reshape(b, t, e), h) for a in qkv)  # views (B, H, T, D)
+        np.copyto(k_t, k)  # contiguous keys, as in mha.numpy
+        np.matmul(q, np.swapaxes(k_t, -1, -2), out=scores)  # (B, H, T, D) @ (B, H, D, S)
+        if exp_and_sum:
+            np.exp(scores, out=scores)  # unscaled, yet below 15 in size here: no overflow
+            np.sum(scores, axis=-1, keepdims=True, out=sums)
+        np.matmul(scores, v, out=heads)  # (B, H, T, S) @ (B, H, S, D)
+        return np.matmul(heads.reshape(b * t, e), w.w_o, out=out)  # (B*T, E) @ (E, E); heads not merged
+
+    return forward
+
+
 def _torch(x):
     import torch
 

@@ -33,7 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 import mha  # noqa: E402
-from contestants import CONTESTANTS, build  # noqa: E402
+from contestants import CONTESTANTS, build, make_numpy_lower_bound  # noqa: E402
 from measure import PAUSE_S, load_average, peak_rss_mib, seconds, traced_peak_mib  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -113,10 +113,16 @@ def target_rows() -> list[dict]:
     x = np.random.default_rng(0).standard_normal((b, t, e)).astype(np.float32)
     fns = {name: (lambda f=f, xi=xi: f(xi)) for name in ("mha.numpy", "torch SDPA", "torch.nn.MultiheadAttention")
            for f, xi in [build(name, w, x)]}
+    fns["products only"] = lambda f=make_numpy_lower_bound(w): f(x)
+    fns["products, exp, sum"] = lambda f=make_numpy_lower_bound(w, exp_and_sum=True): f(x)
     med = interleaved_medians(fns, runs=15)
     ratio = med["mha.numpy"] / med["torch SDPA"]
     add("mha.numpy / torch SDPA forward time, B=4 T=512 E=512", ratio, "ratio", "1.3", ratio <= 1.3,
         f"{med['mha.numpy'] * 1e3:.1f} ms vs {med['torch SDPA'] * 1e3:.1f} ms")
+    for name, what in (("products only", "the 6 matrix products alone"),
+                       ("products, exp, sum", "the same plus one exp per score and a row sum")):
+        add(f"lower bound: {what} / torch SDPA", med[name] / med["torch SDPA"], "ratio",
+            note=f"{med[name] * 1e3:.1f} ms, no allocation (contestants.make_numpy_lower_bound)")
     add("mha.numpy / torch.nn.MultiheadAttention time, same", med["mha.numpy"] / med["torch.nn.MultiheadAttention"],
         "ratio", note=f"{med['torch.nn.MultiheadAttention'] * 1e3:.1f} ms")
     hot = interleaved_medians({n: fns[n] for n in ("mha.numpy", "torch SDPA")}, runs=15, pause=0, warm=False)
