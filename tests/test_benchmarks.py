@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import pathlib
 import sys
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))  # run.py imports its siblings as top-level modules, as `python benchmarks/run.py`
 
 import contestants  # noqa: E402
+import measure  # noqa: E402
 import run  # noqa: E402
 
 
@@ -61,11 +61,6 @@ def test_lower_bound_allocates_nothing_once_warm():
     x = np.random.default_rng(2).standard_normal((2, 128, 64)).astype(np.float32)
     forward = contestants.make_numpy_lower_bound(w, exp_and_sum=True)
     forward(x)  # allocates its buffers
-    tracemalloc.start()
-    try:
-        forward(x)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    scores_bytes = 2 * 4 * 128 * 128 * 4
-    assert peak < scores_bytes / 8, f"{peak} bytes allocated by a warm call; the scores alone are {scores_bytes}"
+    peak_mib, _ = measure.traced_peak_mib(lambda: forward(x))  # the benchmark's own tracemalloc measure
+    scores_mib = 2 * 4 * 128 * 128 * 4 / measure.MIB
+    assert peak_mib < scores_mib / 8, f"{peak_mib} MiB allocated by a warm call; the scores alone are {scores_mib}"
