@@ -18,12 +18,13 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "scaled_dot_product_attention",
-    "tiled_attention",
     "split_heads",
     "merge_heads",
     "MultiHeadAttention",
     "layer_norm",
     "EncoderBlock",
+    "fast_scaled_dot_product_attention",
+    "tiled_attention",
 ]
 
 
@@ -31,35 +32,20 @@ def _dtype(x) -> str:
     return x.dtype.name
 
 
-def _safe_max(x: np.ndarray, axis: int) -> np.ndarray:
-    """The max along `axis`, kept as a size-1 axis, with 0 where a row is all -inf (all masked)."""
-    m = np.max(x, axis=axis, keepdims=True)
-    m[np.isneginf(m)] = 0  # all -inf: subtract 0, every exp is 0 (m is ours: writing into it is safe)
-    return m
-
-
-def _normalize_inplace(x: np.ndarray, axis: int) -> np.ndarray:
-    """_normalize, overwriting `x`: only for an array this module created, never a caller's."""
-    with np.errstate(over="ignore"):  # min - max may round to -inf; exp(-inf) = 0 is right
-        x -= _safe_max(x, axis)
-        np.exp(x, out=x)  # in place: no second array of the scores' size
-    total = np.sum(x, axis=axis, keepdims=True)
-    total[total == 0] = 1  # an all-masked row sums to 0: divide by 1 and keep its zeros
-    x /= total
-    return x
-
-
-def _normalize(x: np.ndarray, axis: int) -> np.ndarray:
-    """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN."""
-    return _normalize_inplace(np.array(x, copy=True), axis)  # the copy keeps the caller's x intact
-
-
 def softmax(x, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax: subtracting the row's max changes nothing but the overflow."""
+    """Numerically stable softmax: subtracting the row's max changes nothing but the overflow.
+
+    A row of only -inf (every key masked) gives zeros, not NaN.
+    """
     x = np.asarray(x)
     _checks.check_float("softmax", "x", x.shape, _dtype(x))
     _checks.check_axis(axis, x.ndim)
-    return _normalize(x, axis)
+    m = np.max(x, axis=axis, keepdims=True)  # the row's largest entry, kept as a size-1 axis
+    m = np.where(np.isneginf(m), 0, m)  # a row of only -inf: subtract 0, so that exp gives 0, not NaN
+    with np.errstate(over="ignore"):  # x - m may round below the dtype's min to -inf: exp(-inf) = 0 is right
+        e = np.exp(x - m)  # every exponent <= 0: nothing overflows
+    total = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(total == 0, 1, total)  # an all-masked row sums to 0: divide by 1, keep its zeros
 
 
 def masked_softmax(x, mask, axis: int = -1) -> np.ndarray:
@@ -68,7 +54,7 @@ def masked_softmax(x, mask, axis: int = -1) -> np.ndarray:
     _checks.check_float("masked_softmax", "x", x.shape, _dtype(x))
     _checks.check_axis(axis, x.ndim)
     _checks.check_mask("masked_softmax", mask.shape, _dtype(mask), x.shape, "x.shape")
-    return _normalize(np.where(mask, x, -np.inf), axis)
+    return softmax(np.where(mask, x, -np.inf), axis)  # blocked entries become -inf: exp(-inf) = 0
 
 
 def causal_mask(t: int, s: int | None = None) -> np.ndarray:
@@ -107,69 +93,12 @@ def scaled_dot_product_attention(query, key, value, mask=None) -> tuple[np.ndarr
     Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
     """
     q, k, v, mask, _ = _attention_inputs("scaled_dot_product_attention", query, key, value, mask)
-    # Row-major copies (no-ops where they already are): every product below gets plain matrices.
-    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale q (T x D), not the scores (T x S); a Python float keeps float32
-    scores = q @ np.swapaxes(k, -1, -2)  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    d = q.shape[-1]
+    scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(d)  # (..., T, D) @ (..., D, S) -> (..., T, S)
     if mask is not None:
-        np.copyto(scores, -np.inf, where=~mask)  # in place: scores is ours, and no second (T, S) array
-    weights = _normalize_inplace(scores, -1)  # the scores become the weights, in the same memory
+        scores = np.where(mask, scores, -np.inf)  # blocked keys get -inf, so their weight is exp(-inf) = 0
+    weights = softmax(scores, axis=-1)  # (..., T, S): each query's weights over the keys sum to 1
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
-
-
-def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.ndarray:
-    """scaled_dot_product_attention's output, computed tile by tile with the online softmax.
-
-    The same contract (q (..., T, D), k (..., S, D), v (..., S, Dv); `mask` boolean,
-    True = may attend, broadcastable to (..., T, S); fully masked rows give zeros) and
-    the same errors, but it returns only `out` (..., T, Dv): it never holds the (T, S)
-    weights, only one (..., block_size, block_size) block of scores at a time (chapter 9).
-    """
-    q, k, v, mask, scores_shape = _attention_inputs("tiled_attention", query, key, value, mask)
-    if mask is not None:
-        mask = np.broadcast_to(mask, scores_shape)  # a view, so it can be sliced tile by tile
-    _checks.check_positive_int("block_size", block_size)
-    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)  # as in SDPA: BLAS-friendly
-    *batch, t, _ = scores_shape
-    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
-    for i in range(0, t, block_size):  # query tiles are independent: each gets its own softmax
-        rows = slice(i, i + block_size)
-        tile_mask = None if mask is None else mask[..., rows, :]
-        out[..., rows, :] = _attend_query_tile(q[..., rows, :], k, v, tile_mask, block_size)
-    return out
-
-
-def _attend_query_tile(q, k, v, mask, block_size: int) -> np.ndarray:
-    """Attention for one tile of queries q (..., Tb, D), streaming over the keys block by block."""
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tb, D); a Python float keeps float32 float32
-    m = np.full((*q.shape[:-1], 1), -np.inf, dtype=q.dtype)  # (..., Tb, 1) running max: nothing seen yet
-    l = np.zeros_like(m)  # (..., Tb, 1) running sum of exp(score - m)
-    acc = np.zeros_like(m)  # running sum of exp(score - m) * value; grows to (..., Tb, Dv)
-    for j in range(0, k.shape[-2], block_size):
-        cols = slice(j, j + block_size)
-        block_mask = None if mask is None else mask[..., cols]
-        m, l, acc = _online_softmax_step(q, k[..., cols, :], v[..., cols, :], block_mask, m, l, acc)
-    l[l == 0] = 1  # a query that may attend nothing: acc is 0, so its output stays 0
-    return acc / l  # (..., Tb, Dv)
-
-
-def _online_softmax_step(q, k, v, mask, m, l, acc):
-    """Folds one block of keys k (..., Sb, D) and values v (..., Sb, Dv) into the running (m, l, acc).
-
-    When the block raises a query's max from m to m_new, everything summed so far was
-    relative to m, so l and acc are rescaled by exp(m - m_new) before the block is added.
-    """
-    p = q @ np.swapaxes(k, -1, -2)  # (..., Tb, D) @ (..., D, Sb) -> (..., Tb, Sb): the only big array
-    if mask is not None:
-        np.copyto(p, -np.inf, where=~mask)  # p is ours: fill in place
-    m_new = np.maximum(m, np.max(p, axis=-1, keepdims=True))  # (..., Tb, 1)
-    shift = np.where(np.isneginf(m_new), 0, m_new)  # nothing seen yet: subtract 0, not -inf (no NaN)
-    p -= shift
-    np.exp(p, out=p)  # the block's unnormalized weights, in place
-    rescale = np.exp(m - shift)  # (..., Tb, 1): exp(m - m_new) <= 1, and 0 while m is -inf
-    l = rescale * l + np.sum(p, axis=-1, keepdims=True)  # (..., Tb, 1)
-    acc = rescale * acc + p @ v  # (..., Tb, Sb) @ (..., Sb, Dv) -> (..., Tb, Dv)
-    return m_new, l, acc  # p is freed on return: one (Tb, Sb) block at a time
 
 
 def split_heads(x, num_heads: int) -> np.ndarray:
@@ -192,11 +121,8 @@ def merge_heads(x) -> np.ndarray:
 
 
 def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """x @ w + b, as one (B*T, E) @ (E, E) product: one large BLAS call rather than B small ones."""
-    y = x.reshape(-1, x.shape[-1]) @ w  # (B, T, E) -> (B*T, E) @ (E, E) -> (B*T, E)
-    if b is not None:
-        y += b  # in place: y is ours, so no second (B*T, E) array
-    return y.reshape(*x.shape[:-1], w.shape[-1])  # (B*T, E) -> (B, T, E)
+    """x @ w + b: (B, T, E_in) @ (E_in, E_out) -> (B, T, E_out)."""
+    return x @ w if b is None else x @ w + b
 
 
 class MultiHeadAttention:
@@ -332,3 +258,96 @@ class EncoderBlock:
     def __repr__(self) -> str:
         return (f"mha.numpy.EncoderBlock(d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, "
                 f"norm_first={self.norm_first})")
+
+
+# Chapter 13: fast attention. The functions above read like the maths; these
+# give the same results with tricks that exist only for speed and memory.
+
+def _safe_max(x: np.ndarray, axis: int) -> np.ndarray:
+    """The max along `axis`, kept as a size-1 axis, with 0 where a row is all -inf (all masked)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    m[np.isneginf(m)] = 0  # all -inf: subtract 0, every exp is 0 (m is ours: writing into it is safe)
+    return m
+
+
+def _softmax_inplace(x: np.ndarray, axis: int) -> np.ndarray:
+    """softmax, overwriting `x`: only for an array this module created, never a caller's."""
+    with np.errstate(over="ignore"):  # min - max may round to -inf; exp(-inf) = 0 is right
+        x -= _safe_max(x, axis)
+        np.exp(x, out=x)  # in place: no second array of the scores' size
+    total = np.sum(x, axis=axis, keepdims=True)
+    total[total == 0] = 1  # an all-masked row sums to 0: divide by 1 and keep its zeros
+    x /= total
+    return x
+
+
+def fast_scaled_dot_product_attention(query, key, value, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """scaled_dot_product_attention's contract and results, with one (..., T, S) array instead of three.
+
+    Row-major copies of the inputs (so every product gets plain matrices), q scaled
+    instead of the scores (T x D multiplications, not T x S), the mask written into the
+    scores in place, and the softmax computed in the scores' own memory.
+    """
+    q, k, v, mask, _ = _attention_inputs("fast_scaled_dot_product_attention", query, key, value, mask)
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)  # no-ops if already
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # a Python float keeps float32 float32
+    scores = q @ np.swapaxes(k, -1, -2)  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    if mask is not None:
+        np.copyto(scores, -np.inf, where=~mask)  # in place: scores is ours, and no second (T, S) array
+    weights = _softmax_inplace(scores, -1)  # the scores become the weights, in the same memory
+    return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
+
+
+def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.ndarray:
+    """scaled_dot_product_attention's output, computed tile by tile with the online softmax.
+
+    The same contract (q (..., T, D), k (..., S, D), v (..., S, Dv); `mask` boolean,
+    True = may attend, broadcastable to (..., T, S); fully masked rows give zeros) and
+    the same errors, but it returns only `out` (..., T, Dv): it never holds the (T, S)
+    weights, only one (..., block_size, block_size) block of scores at a time (chapter 13).
+    """
+    q, k, v, mask, scores_shape = _attention_inputs("tiled_attention", query, key, value, mask)
+    if mask is not None:
+        mask = np.broadcast_to(mask, scores_shape)  # a view, so it can be sliced tile by tile
+    _checks.check_positive_int("block_size", block_size)
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)  # as in SDPA: BLAS-friendly
+    *batch, t, _ = scores_shape
+    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+    for i in range(0, t, block_size):  # query tiles are independent: each gets its own softmax
+        rows = slice(i, i + block_size)
+        tile_mask = None if mask is None else mask[..., rows, :]
+        out[..., rows, :] = _attend_query_tile(q[..., rows, :], k, v, tile_mask, block_size)
+    return out
+
+
+def _attend_query_tile(q, k, v, mask, block_size: int) -> np.ndarray:
+    """Attention for one tile of queries q (..., Tb, D), streaming over the keys block by block."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tb, D); a Python float keeps float32 float32
+    m = np.full((*q.shape[:-1], 1), -np.inf, dtype=q.dtype)  # (..., Tb, 1) running max: nothing seen yet
+    l = np.zeros_like(m)  # (..., Tb, 1) running sum of exp(score - m)
+    acc = np.zeros_like(m)  # running sum of exp(score - m) * value; grows to (..., Tb, Dv)
+    for j in range(0, k.shape[-2], block_size):
+        cols = slice(j, j + block_size)
+        block_mask = None if mask is None else mask[..., cols]
+        m, l, acc = _online_softmax_step(q, k[..., cols, :], v[..., cols, :], block_mask, m, l, acc)
+    l[l == 0] = 1  # a query that may attend nothing: acc is 0, so its output stays 0
+    return acc / l  # (..., Tb, Dv)
+
+
+def _online_softmax_step(q, k, v, mask, m, l, acc):
+    """Folds one block of keys k (..., Sb, D) and values v (..., Sb, Dv) into the running (m, l, acc).
+
+    When the block raises a query's max from m to m_new, everything summed so far was
+    relative to m, so l and acc are rescaled by exp(m - m_new) before the block is added.
+    """
+    p = q @ np.swapaxes(k, -1, -2)  # (..., Tb, D) @ (..., D, Sb) -> (..., Tb, Sb): the only big array
+    if mask is not None:
+        np.copyto(p, -np.inf, where=~mask)  # p is ours: fill in place
+    m_new = np.maximum(m, np.max(p, axis=-1, keepdims=True))  # (..., Tb, 1)
+    shift = np.where(np.isneginf(m_new), 0, m_new)  # nothing seen yet: subtract 0, not -inf (no NaN)
+    p -= shift
+    np.exp(p, out=p)  # the block's unnormalized weights, in place
+    rescale = np.exp(m - shift)  # (..., Tb, 1): exp(m - m_new) <= 1, and 0 while m is -inf
+    l = rescale * l + np.sum(p, axis=-1, keepdims=True)  # (..., Tb, 1)
+    acc = rescale * acc + p @ v  # (..., Tb, Sb) @ (..., Sb, Dv) -> (..., Tb, Dv)
+    return m_new, l, acc  # p is freed on return: one (Tb, Sb) block at a time

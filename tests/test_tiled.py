@@ -146,3 +146,30 @@ def test_tiled_memory_stays_far_below_the_naive_scores():
     tiled = peak_bytes(lambda: mnp.tiled_attention(q, k, v, block_size=block))
     assert naive >= scores_bytes  # the naive path holds at least the whole (T, S) matrix
     assert tiled - out_bytes < scores_bytes / 16  # the tiled one, a few (block, block) tiles
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    t=st.integers(1, 24),
+    s=st.integers(1, 24),
+    d=st.integers(1, 9),
+    mask_kind=st.sampled_from(MASK_KINDS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_sdpa_equals_the_reference(lead, t, s, d, mask_kind, dtype, seed):
+    """Chapter 13's in-place SDPA returns the reference's output and weights, in the input's dtype."""
+    rng = np.random.default_rng(seed)
+    lead = tuple(lead)
+    q = (3 * rng.standard_normal((*lead, t, d))).astype(dtype)
+    k = rng.standard_normal((*lead, s, d)).astype(dtype)
+    v = rng.standard_normal((*lead, s, d)).astype(dtype)
+    q_strided = np.swapaxes(np.swapaxes(q, -1, -2).copy(), -1, -2)  # a non-contiguous view, like split heads
+    mask = make_mask(mask_kind, rng, lead, t, s)
+    out, weights = mnp.scaled_dot_product_attention(q, k, v, mask)
+    fast_out, fast_weights = mnp.fast_scaled_dot_product_attention(q_strided, k, v, mask)
+    assert fast_out.dtype == fast_weights.dtype == dtype
+    np.testing.assert_allclose(fast_out, out, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast_weights, weights, rtol=0, atol=1e-6)
+    assert np.array_equal(q_strided, q)  # the caller's input is left alone
