@@ -51,6 +51,7 @@ SURVEY_JS = r"""() => {
     const caption = figure && figure.querySelector("figcaption");
     return {src: img.getAttribute("src"), alt: img.getAttribute("alt"), complete: img.complete,
             natural: img.naturalWidth, drawn: img.getBoundingClientRect().width,
+            own: parseFloat(img.style.width) || null,  // the size myst-nb gives it (the figure's inches at 100 dpi)
             caption: caption ? caption.innerText.trim() : null};
   });
   // Text a reader reads, outside code, outputs' <pre> and typeset math.
@@ -397,9 +398,12 @@ def test_figures_are_sharp(survey):
             ratios.append(ratio)
             if ratio < MIN_PIXEL_RATIO:
                 problems.append(f"{path}: {image['src'][-20:]} has {image['natural']} px drawn at {image['drawn']:.0f} px")
+            if image["own"] and image["drawn"] < image["own"] - 1:  # shrunk: its text is smaller than drawn
+                problems.append(f"{path}: {image['src'][-20:]} is {image['own']:.0f} px wide, shrunk to the column's "
+                                f"{image['drawn']:.0f} px: draw it at most 7 inches wide (mha.plot.COLUMN_INCHES)")
     assert ratios
     print(f"smallest figure pixel ratio: {min(ratios):.2f}")
-    assert not problems, "store figures at twice their size (retina), at most the column wide:\n" + "\n".join(problems)
+    assert not problems, "store figures at twice their size (retina) and at most the column wide:\n" + "\n".join(problems)
 
 
 def test_figures_have_alt_text_and_a_caption(survey):
