@@ -4,7 +4,9 @@ Colab has NumPy, torch, TensorFlow and matplotlib but not `mha`; the setup
 cell at the top of every chapter pip-installs it from the repository. Here a
 fresh virtual environment sees the book's dependencies but not `mha`, the
 setup cell installs it from this checkout (through MHA_SOURCE, which the cell
-honours), and the chapter must run through.
+honours), and the chapter must run through, printing nothing of pip's. When
+the install fails, the setup cell raises one error that says where it tried
+to install from and how to point it elsewhere.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import sysconfig
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHAPTER = ROOT / "chapters" / "01_softmax.ipynb"
+sys.path.insert(0, str(ROOT / "tools"))
+import notebooks as nbtool  # noqa: E402
 
 
 def site_without_mha(view: pathlib.Path) -> pathlib.Path:
@@ -36,7 +41,8 @@ def site_without_mha(view: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture
-def colab_like(tmp_path):
+def colab_like(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # a checkout on PYTHONPATH would make `mha` importable
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -62,10 +68,38 @@ def test_chapter_installs_mha_and_runs_through(colab_like, monkeypatch):
     monkeypatch.setenv("MHA_SOURCE", str(ROOT))
     monkeypatch.delenv("PYTHONPATH", raising=False)
     nb = nbformat.read(CHAPTER, as_version=4)
+    nbtool.prepare(nb)  # the setup cell tools/notebooks.py writes (test_notebooks checks the stored one is it)
     nb.cells.append(nbformat.v4.new_code_cell("import mha\nprint(mha.__file__)"))
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp)}})
     client.execute()  # raises CellExecutionError if any cell fails
+    setup = nb.cells[nbtool.setup_cell_index(nb)]
+    assert setup.outputs == [], f"the install printed {setup.outputs} (pip's restart-the-kernel note?)"
     where = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
     assert where.startswith(purelib), f"mha came from {where}, not from the setup cell's install"
     installed = subprocess.run([str(python), "-m", "pip", "show", "mha"], capture_output=True, text=True, env={**os.environ})
     assert "Name: mha" in installed.stdout
+
+
+def test_failed_install_raises_one_clear_error(colab_like, monkeypatch):
+    tmp, python, purelib = colab_like
+    missing = tmp / "no-such-checkout"
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+    monkeypatch.setenv("MHA_SOURCE", str(missing))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(nbtool.setup_source())])
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp)}})
+    with pytest.raises(CellExecutionError):
+        client.execute()
+    errors = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "RuntimeError", nb.cells[0].outputs
+    message = errors[0].evalue
+    assert str(missing) in message and "MHA_SOURCE" in message, message
+    assert "ModuleNotFoundError" not in "".join(errors[0].traceback), "the ImportError is not chained in"
+
+
+def test_setup_cell_turns_tf32_off_before_tensorflow_loads():
+    source = nbtool.setup_source()
+    assert 'os.environ["NVIDIA_TF32_OVERRIDE"] = "0"' in source
+    assert "import tensorflow" not in source and "import keras" not in source and "import mha" in source
+    assert source.index("NVIDIA_TF32_OVERRIDE") < source.index("import mha")  # mha.keras imports TensorFlow
+    assert "%pip" not in source, "%pip prints a restart-the-kernel note and does not raise on failure"

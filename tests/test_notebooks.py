@@ -20,7 +20,11 @@ import notebooks as nbtool  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 PAGES = {"chapters/references", "chapters/run_locally"}  # plain Markdown pages, not notebooks
-TOC_FILES = [f for f in [TOC["root"]] + [c["file"] for c in TOC["chapters"]] if f not in PAGES]
+TOC_ENTRIES = [c["file"] for part in TOC["parts"] for c in part["chapters"]] if "parts" in TOC else [
+    c["file"] for c in TOC["chapters"]
+]
+TOC_FILES = [f for f in [TOC["root"]] + TOC_ENTRIES if f not in PAGES]
+CODE_WIDTH = 88  # characters: what the site's column shows without a sideways scroll
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip", "skip-execution"}
 MACHINE_TEXT = re.compile(r"/work/|/root/|/home/|/Users/|/tmp/ipykernel|\.venv/|0x[0-9a-fA-F]{6,}")
@@ -95,7 +99,10 @@ def test_exercises_with_hidden_checked_solutions(nb):
     solutions = [c for c in code_cells(nb) if "solution" in c.metadata.get("tags", [])]
     assert 2 <= len(solutions) <= 4, f"{len(solutions)} exercise solutions"
     for cell in solutions:
-        assert "hide-input" in cell.metadata["tags"], "solutions are hidden on the site"
+        # tools/notebooks.py writes these: one toggle hides the code and the printed answer.
+        tags = cell.metadata["tags"]
+        assert "hide-cell" in tags and "hide-input" not in tags, f"run tools/notebooks.py: tags {tags}"
+        assert cell.metadata.get("mystnb", {}).get("code_prompt_show") == "Show solution"
         assert "assert" in cell.source, "a solution checks its own answer"
     headings = [c for c in nb.cells if c.cell_type == "markdown" and re.search(r"^#+ Exercise", c.source, re.M)]
     assert len(headings) == len(solutions)
@@ -119,3 +126,49 @@ def test_repository_named_as_in_config():
     for name, text in texts.items():
         for found in re.findall(r"(?:git clone |git\+)(https://github\.com/[\w.-]+/[\w-]+)", text):
             assert found == url, f"{name} names {found}, _config.yml {url}"
+
+
+def test_code_lines_fit_the_column(nb):
+    """No code line wider than the site's column (and a formatter's default)."""
+    for i, cell in enumerate(code_cells(nb), 1):
+        for line in cell.source.splitlines():
+            assert len(line) <= CODE_WIDTH, f"cell {i}: a {len(line)}-character line: {line.strip()[:60]}..."
+
+
+def test_figures_have_alt_text_and_a_caption(nb):
+    """Every cell that draws a figure says what it shows, for screen readers and as a caption."""
+    for i, cell in enumerate(code_cells(nb), 1):
+        if not any("image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {}) for o in cell.outputs):
+            continue
+        mystnb = cell.metadata.get("mystnb", {})
+        alt = mystnb.get("image", {}).get("alt", "").strip()
+        caption = mystnb.get("figure", {}).get("caption", "").strip()
+        assert alt and caption, f"cell {i} draws a figure: give it mystnb image.alt and figure.caption metadata"
+        assert alt != caption, f"cell {i}: the alt text describes the picture, the caption says what to see"
+
+
+def title(path: pathlib.Path) -> str:
+    for cell in load(path).cells:
+        match = re.search(r"^# (.+)$", cell.source, re.M) if cell.cell_type == "markdown" else None
+        if match:
+            return match.group(1).strip()
+    raise AssertionError(f"{path.name} has no # title")
+
+
+def test_welcome_page_lists_every_chapter_in_order():
+    """Chapter 0 links every chapter of _toc.yml, in its order, by its title: none forgotten."""
+    root = ROOT / f"{TOC['root']}.ipynb"
+    text = "\n".join(c.source for c in load(root).cells if c.cell_type == "markdown")
+    links = [(t.strip(), target) for t, target in re.findall(r"\[([^\]]+)\]\((\d\d_[\w-]+\.ipynb)\)", text)]
+    firsts = []  # the first link to each chapter, in the order they appear
+    for link in links:
+        if link[1] not in [t for _, t in firsts]:
+            firsts.append(link)
+    chapters = [f for f in TOC_ENTRIES if f not in PAGES]
+    assert [t for _, t in firsts] == [f"{pathlib.Path(f).name}.ipynb" for f in chapters], (
+        f"chapter 0 links {[t for _, t in firsts]}; _toc.yml has {chapters}"
+    )
+    for text_, target in firsts:
+        path = ROOT / "chapters" / target
+        assert text_ == title(path), f"chapter 0 calls {target} {text_!r}, its title is {title(path)!r}"
+    assert not re.search(r"being written|appear here soon|coming soon", text, re.I), "a stale promise on the welcome page"

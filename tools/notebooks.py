@@ -30,20 +30,38 @@ def install_target() -> str:
 
 
 def setup_source() -> str:
+    # Code lines stay within 88 characters, like every code cell of the book.
     return f'''\
 # Setup. In Colab this installs the book's package, `mha`, from the book's
 # repository; where `mha` is already importable (a local run) it does nothing.
-# It also quiets TensorFlow's C++ start-up log.
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow C++ start-up log
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# GPUs since Ampere (Colab's A100, L4) run float32 matmuls in TF32 (10-bit mantissa)
+# unless told not to; that would break the book's 1e-5 agreements.
+os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+%config InlineBackend.figure_formats = ["retina"]  # figures sharp on dense screens
 try:
     import mha
 except ImportError:
-    MHA_SOURCE = os.environ.get("MHA_SOURCE", "{install_target()}")
-    %pip install --quiet {{MHA_SOURCE}}
+    BOOK_REPOSITORY = "{install_target()}"
+    MHA_SOURCE = os.environ.get("MHA_SOURCE", BOOK_REPOSITORY)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", MHA_SOURCE]
+    run = subprocess.run(pip, capture_output=True, text=True)
+    if run.returncode != 0:
+        why = (run.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(
+            f"could not install the book's package `mha` from {{MHA_SOURCE}} "
+            f"(pip: {{why}}); check the network, or set the environment variable "
+            f"MHA_SOURCE to another pip source of mha"
+        ) from None
+    import importlib
+
+    importlib.invalidate_caches()
     import mha'''
 
 
@@ -53,6 +71,22 @@ def setup_cell_index(nb) -> int:
         if cell.cell_type == "code":
             return i
     raise ValueError("a chapter needs at least one code cell, the setup cell")
+
+
+SOLUTION_PROMPTS = {"code_prompt_show": "Show solution", "code_prompt_hide": "Hide solution"}
+
+
+def hide_solution(cell) -> None:
+    """One toggle hides a solution's code *and* its printed answer on the site.
+
+    myst-nb's `hide-cell` wraps input and output in one <details>; `hide-input`
+    would fold only the code and leave the answer showing below it.
+    """
+    tags = [t for t in cell.metadata.get("tags", []) if t not in ("hide-input", "hide-output")]
+    if "hide-cell" not in tags:
+        tags.append("hide-cell")
+    cell.metadata["tags"] = tags
+    cell.metadata["mystnb"] = {**cell.metadata.get("mystnb", {}), **SOLUTION_PROMPTS}  # keeps alt/caption
 
 
 def prepare(nb) -> None:
@@ -66,8 +100,8 @@ def prepare(nb) -> None:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
             cell.metadata.pop("execution", None)
-            if "solution" in cell.metadata.get("tags", []):  # the site's toggle says what it hides
-                cell.metadata["mystnb"] = {"code_prompt_show": "Show solution", "code_prompt_hide": "Hide solution"}
+            if "solution" in cell.metadata.get("tags", []):
+                hide_solution(cell)
     nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
 
 
