@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from docutils import nodes
+
 CHAPTER = re.compile(r"(?:^|/)(\d\d)_[^/]+$")
 
 
@@ -21,11 +23,18 @@ def _renumber(app, env) -> list[str]:
         if match is None:
             continue
         number = int(match.group(1))
-        env.toc_secnumbers[docname] = {anchor: (number, *n[1:]) for anchor, n in sections.items()}
+        env.toc_secnumbers[docname] = {anchor: (number, *n[1:]) if n else n for anchor, n in sections.items()}
         for figtype, figures in env.toc_fignumbers.get(docname, {}).items():
             env.toc_fignumbers[docname][figtype] = {
-                fid: (number, *n[1:]) if len(n) > 1 else n for fid, n in figures.items()
+                fid: (number, *n[1:]) if n and len(n) > 1 else n for fid, n in figures.items()
             }
+        # The sidebar reads the numbers stored on the nodes of each page's table of contents.
+        numbered = [*env.tocs[docname].findall(nodes.reference)] if docname in env.tocs else []
+        if docname in env.titles:
+            numbered.append(env.titles[docname])
+        for node in numbered:
+            if node.get("secnumber"):
+                node["secnumber"] = [number, *node["secnumber"][1:]]
         changed.append(docname)
     return changed
 
