@@ -41,7 +41,19 @@ def _shape(x) -> tuple:
 
 
 def _tensor(x):
-    return x if isinstance(x, keras.KerasTensor) or ops.is_tensor(x) else ops.convert_to_tensor(x)
+    """x as the backend's tensor: arrays are converted, a variable gives its value (a tf.Variable has no .ndim)."""
+    if isinstance(x, keras.KerasTensor):
+        return x
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if hasattr(x, "read_value"):  # a tf.Variable (also behind a keras.Variable on TensorFlow)
+        x = x.read_value()
+    return x if ops.is_tensor(x) else ops.convert_to_tensor(x)
+
+
+def _numpy(x) -> np.ndarray:
+    """A tensor or variable as a NumPy array (a variable has no .numpy() on every backend)."""
+    return ops.convert_to_numpy(_tensor(x))
 
 
 def _normalize(x, axis: int):
@@ -222,8 +234,8 @@ class MultiHeadAttention(keras.layers.Layer):
         """The layer's parameters as an ``mha.Weights``."""
         if not self.built:
             self.build()
-        ws = [k.numpy() for k in self.kernels]
-        bs = [None if b is None else b.numpy() for b in self.biases]
+        ws = [_numpy(k) for k in self.kernels]
+        bs = [None if b is None else _numpy(b) for b in self.biases]
         return Weights(self.num_heads, *ws, *bs)
 
     @classmethod
@@ -347,7 +359,7 @@ class EncoderBlock(keras.layers.Layer):
 
     def to_numpy_dict(self) -> dict[str, np.ndarray]:
         """Every parameter as a float32 NumPy array, applied as ``x @ w``."""
-        return {name: np.array(v.numpy(), dtype=np.float32) for name, v in self._variables().items()}
+        return {name: np.array(_numpy(v), dtype=np.float32) for name, v in self._variables().items()}
 
     @classmethod
     def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
