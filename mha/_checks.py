@@ -188,3 +188,12 @@ def check_block_dict(d) -> tuple[int, int]:
         if np.shape(d[name]) != shape:
             raise ValueError(f"{where}: {name} must have shape {shape} (from w_1), got {np.shape(d[name])}")
     return np.shape(d["w_1"])
+
+
+def check_sequence_mask(name: str, shape: tuple, input_shape: tuple) -> None:
+    """A Keras sequence mask (``_keras_mask``) of a (B, length, E) input must be (B, length)."""
+    if len(shape) != 2 or not (same(shape[0], input_shape[0]) and same(shape[1], input_shape[1])):
+        raise ValueError(
+            f"MultiHeadAttention: the Keras mask of {name} must have shape (B, length) = {tuple(input_shape[:2])}, "
+            f"got {shape}"
+        )

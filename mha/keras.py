@@ -13,6 +13,7 @@ import math
 import keras
 import numpy as np
 from keras import ops
+from keras.src.backend import get_keras_mask  # no public name; Keras's own MultiHeadAttention uses it
 
 from mha import Weights, _checks
 
@@ -40,7 +41,19 @@ def _shape(x) -> tuple:
 
 
 def _tensor(x):
-    return x if isinstance(x, keras.KerasTensor) or ops.is_tensor(x) else ops.convert_to_tensor(x)
+    """x as the backend's tensor: arrays are converted, a variable gives its value (a tf.Variable has no .ndim)."""
+    if isinstance(x, keras.KerasTensor):
+        return x
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if hasattr(x, "read_value"):  # a tf.Variable (also behind a keras.Variable on TensorFlow)
+        x = x.read_value()
+    return x if ops.is_tensor(x) else ops.convert_to_tensor(x)
+
+
+def _numpy(x) -> np.ndarray:
+    """A tensor or variable as a NumPy array (a variable has no .numpy() on every backend)."""
+    return ops.convert_to_numpy(_tensor(x))
 
 
 def _normalize(x, axis: int):
@@ -130,6 +143,26 @@ def merge_heads(x):
     return ops.reshape(x, (b, t, h * d))  # (B, T, H, D) -> (B, T, E)
 
 
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
+
+
+def _sequence_masks(inputs: dict, sequence_masks: tuple):
+    """The Keras sequence masks of query, key and value as one (B, 1, T, S) attention mask, or None.
+
+    As keras.layers.MultiHeadAttention: query i may attend key j when query token i and
+    key/value token j are both real (True in their (B, T) / (B, S) masks).
+    """
+    mask = None
+    for (name, x), seq, axis in zip(inputs.items(), sequence_masks, (-1, -2, -2)):
+        if seq is not None:
+            seq = ops.cast(seq, "bool")  # as Keras: any 0/1 mask counts
+            _checks.check_sequence_mask(name, _shape(seq), _shape(x))
+            seq = ops.expand_dims(ops.expand_dims(seq, 1), axis)  # (B, T) -> (B, 1, T, 1); (B, S) -> (B, 1, 1, S)
+            mask = _and(mask, seq)
+    return mask
+
+
 class MultiHeadAttention(keras.layers.Layer):
     """Multi-head attention as a ``keras.layers.Layer`` holding four (E, E) kernels.
 
@@ -161,16 +194,28 @@ class MultiHeadAttention(keras.layers.Layer):
         y = ops.matmul(x, self.kernels[i])  # (B, T, E) @ (E, E) -> (B, T, E)
         return y if self.biases[i] is None else y + self.biases[i]
 
-    def call(self, query, key=None, value=None, mask=None):
+    def __call__(self, query, key=None, value=None, mask=None, **kwargs):
+        # Keras fills a `call` argument named `mask` with the inputs' sequence mask (from
+        # Embedding(mask_zero=True)) when the caller passes none: `call` names ours attention_mask.
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        return super().__call__(query, key, value, **kwargs)
+
+    def call(self, query, key=None, value=None, attention_mask=None):
         key = query if key is None else key
         value = key if value is None else value
+        sequence_masks = [get_keras_mask(x) for x in (query, key, value)]  # (B, T) or None each; Keras's
+        query, key, value = _tensor(query), _tensor(key), _tensor(value)
         _checks.check_mha_inputs(
             self.d_model, _shape(query), _shape(key), _shape(value), (_dtype(query), _dtype(key), _dtype(value))
         )
-        if mask is not None:
-            mask = _tensor(mask)
-            target = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+        sequence_mask = _sequence_masks({"query": query, "key": key, "value": value}, sequence_masks)
+        target = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+        mask = None
+        if attention_mask is not None:
+            mask = _tensor(attention_mask)
             _checks.check_mask("MultiHeadAttention", _shape(mask), _dtype(mask), target, "(B, H, T, S)")
+        mask = _and(mask, sequence_mask)
         h = self.num_heads
         q = split_heads(self._linear(query, 0), h)  # (B, T, E) -> (B, H, T, D)
         k = split_heads(self._linear(key, 1), h)  # (B, S, E) -> (B, H, S, D)
@@ -179,8 +224,8 @@ class MultiHeadAttention(keras.layers.Layer):
         return self._linear(merge_heads(out), 3), weights  # (B, H, T, D) -> (B, T, E)
 
     def compute_mask(self, inputs, previous_mask=None):
-        # `mask` here is an attention mask, not a Keras sequence mask to hand downstream.
-        return None
+        # As keras.layers.MultiHeadAttention: `out` keeps the query's sequence mask, the weights none.
+        return None if previous_mask is None else (previous_mask, None)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias}
@@ -189,8 +234,8 @@ class MultiHeadAttention(keras.layers.Layer):
         """The layer's parameters as an ``mha.Weights``."""
         if not self.built:
             self.build()
-        ws = [k.numpy() for k in self.kernels]
-        bs = [None if b is None else b.numpy() for b in self.biases]
+        ws = [_numpy(k) for k in self.kernels]
+        bs = [None if b is None else _numpy(b) for b in self.biases]
         return Weights(self.num_heads, *ws, *bs)
 
     @classmethod
@@ -272,22 +317,29 @@ class EncoderBlock(keras.layers.Layer):
         h = self.dropout(ops.relu(self.linear1(x)), training=training)  # (B, T, E) -> (B, T, d_ff)
         return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
 
-    def call(self, x, mask=None, training=None):
+    def __call__(self, x, mask=None, training=None, **kwargs):
+        # As MultiHeadAttention: Keras would fill a `call` argument named `mask` with x's sequence mask.
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        return super().__call__(x, training=training, **kwargs)
+
+    def call(self, x, attention_mask=None, training=None):
+        x = _tensor(x)
         _checks.check_block_input(self.d_model, _shape(x), _dtype(x))
         drop = lambda y: self.dropout(y, training=training)
         if self.norm_first:  # pre-LN: each sublayer sees a normalized copy; the residual path is left alone
-            a, weights = self.attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
+            a, weights = self.attn(self.norm1(x), mask=attention_mask)  # (B, T, E), (B, H, T, T)
             x = x + drop(a)
             x = x + drop(self._ffn(self.norm2(x), training))
         else:  # post-LN: normalize each residual sum
-            a, weights = self.attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            a, weights = self.attn(x, mask=attention_mask)  # (B, T, E), (B, H, T, T)
             x = self.norm1(x + drop(a))
             x = self.norm2(x + drop(self._ffn(x, training)))
         return x, weights
 
     def compute_mask(self, inputs, previous_mask=None):
-        # `mask` here is an attention mask, not a Keras sequence mask to hand downstream.
-        return None
+        # x's sequence mask stays on the output, as on keras.layers.MultiHeadAttention's.
+        return None if previous_mask is None else (previous_mask, None)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "d_ff": self.d_ff,
@@ -307,7 +359,7 @@ class EncoderBlock(keras.layers.Layer):
 
     def to_numpy_dict(self) -> dict[str, np.ndarray]:
         """Every parameter as a float32 NumPy array, applied as ``x @ w``."""
-        return {name: np.array(v.numpy(), dtype=np.float32) for name, v in self._variables().items()}
+        return {name: np.array(_numpy(v), dtype=np.float32) for name, v in self._variables().items()}
 
     @classmethod
     def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,

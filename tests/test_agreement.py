@@ -181,3 +181,98 @@ def test_hand_checkable_layer_with_identity_weights(backend):
     np.testing.assert_allclose(weights[0], np.stack([head0, head1]), atol=1e-6)
     expected = np.stack([head0 @ [1.0, 0.0], head1 @ [0.0, 2.0]], axis=-1)  # (T, E): head h -> column h
     np.testing.assert_allclose(out[0], expected, atol=1e-6)
+
+
+# Keras's implicit mask: Embedding(mask_zero=True) puts a (B, T) sequence mask on its output, and Keras
+# hands it to a `call` argument named `mask` even when the caller passes none. Our layer must honour it
+# as keras.layers.MultiHeadAttention does (query's mask AND value's mask, AND any explicit mask).
+
+IDS = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [1, 1, 1, 1, 1], [2, 0, 0, 0, 0], [3, 3, 3, 3, 0]])
+IDS_KV = np.array([[5, 6, 7, 0], [8, 0, 0, 0], [1, 2, 3, 4], [9, 9, 0, 0], [7, 0, 0, 0]])
+
+
+def embedded(ids, e: int, seed: int = 0):
+    """A fresh masked tensor from Embedding(mask_zero=True), and the same numbers as a NumPy array.
+
+    Fresh each time: keras.layers.MultiHeadAttention deletes the sequence masks of the tensors it is given.
+    """
+    import keras
+
+    table = np.random.default_rng(seed).standard_normal((10, e)).astype(np.float32)
+    layer = keras.layers.Embedding(10, e, mask_zero=True, embeddings_initializer=keras.initializers.Constant(table))
+    return layer(ids), table[ids]
+
+
+@pytest.mark.parametrize("batch", [2, 5], ids=["B!=T", "B=T"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("causal", [False, True], ids=["seq-masks", "seq-masks-and-causal"])
+def test_keras_layer_honours_the_implicit_sequence_mask(batch, cross, causal):
+    import keras
+
+    e, h = 8, 2
+    w = mha.Weights.random(e, h, seed=batch)
+    ids_q, ids_kv = IDS[:batch], (IDS_KV if cross else IDS)[:batch]
+    t, s = ids_q.shape[1], ids_kv.shape[1]
+    explicit = mnp.causal_mask(t, s) if causal else None  # (T, S): keeps its meaning even when B = T
+    real_q, real_kv = ids_q != 0, ids_kv != 0
+    full = real_q[:, None, :, None] & real_kv[:, None, None, :]  # (B, 1, T, S): what Keras's layer builds
+    full = full if explicit is None else full & explicit
+
+    def ours():
+        x_q, _ = embedded(ids_q, e, 0)
+        layer = mha.keras.MultiHeadAttention.from_weights(w)
+        if not cross:
+            return layer(x_q, mask=explicit)  # one tensor: Keras fills the `mask` argument itself
+        return layer(x_q, embedded(ids_kv, e, 1)[0], mask=explicit)
+
+    def builtin(**kwargs):
+        x_q, _ = embedded(ids_q, e, 0)
+        x_kv = x_q if not cross else embedded(ids_kv, e, 1)[0]
+        attention_mask = None if explicit is None else np.broadcast_to(explicit, (batch, t, s))
+        return mha.keras.to_builtin(w)(x_q, x_kv, attention_mask=attention_mask, **kwargs)
+
+    out, weights = (keras.ops.convert_to_numpy(a) for a in ours())
+    ref_out, ref_weights = mnp.MultiHeadAttention.from_weights(w)(
+        embedded(ids_q, e, 0)[1], embedded(ids_kv, e, 1 if cross else 0)[1], mask=full
+    )
+    np.testing.assert_allclose(out, ref_out, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(weights, ref_weights, atol=ATOL, rtol=0)
+    # Keras's weights path (return_attention_scores=True) gives padded query rows zero weights, as we do.
+    k_out, k_weights = (keras.ops.convert_to_numpy(a) for a in builtin(return_attention_scores=True))
+    np.testing.assert_allclose(out, k_out, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(weights, k_weights, atol=ATOL, rtol=0)
+    # Its fused path agrees on the real query rows; on a padded row (every key blocked) it gives
+    # uniform weights, so its output there is not the bias b_o that our zero weights leave.
+    fused = keras.ops.convert_to_numpy(builtin())
+    np.testing.assert_allclose(out[real_q], fused[real_q], atol=ATOL, rtol=0)
+    padded = ~full.any(-1)[:, 0]  # (B, T): query rows that may attend nothing
+    assert padded.any()
+    np.testing.assert_allclose(out[padded], np.broadcast_to(w.b_o, out[padded].shape), atol=ATOL, rtol=0)
+    assert (weights.transpose(0, 2, 1, 3)[padded] == 0).all()
+    assert np.abs(fused[padded] - w.b_o).max() > 1e-2
+
+
+def test_keras_layer_sequence_mask_in_a_functional_model_with_a_fixed_batch():
+    """While Keras traces, the batch size is known: a (B, T) mask read as an attention mask would raise."""
+    import keras
+
+    w = mha.Weights.random(8, 2, seed=1)
+    ids = IDS[:2]
+    table = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    inp = keras.Input((5,), batch_size=2, dtype="int32")
+    x = keras.layers.Embedding(10, 8, mask_zero=True, embeddings_initializer=keras.initializers.Constant(table))(inp)
+    out, _ = mha.keras.MultiHeadAttention.from_weights(w)(x)
+    model = keras.Model(inp, out)
+    real = ids != 0
+    ref, _ = mnp.MultiHeadAttention.from_weights(w)(table[ids], mask=real[:, None, None, :] & real[:, None, :, None])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(ids)), ref, atol=ATOL, rtol=0)
+
+
+def test_keras_layer_output_keeps_the_query_sequence_mask():
+    import keras
+    from keras.src.backend import get_keras_mask  # Keras's own accessor (a plain attribute on TensorFlow only)
+
+    x, _ = embedded(IDS[:2], 8)
+    out, weights = mha.keras.MultiHeadAttention.from_weights(mha.Weights.random(8, 2))(x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(get_keras_mask(out)), IDS[:2] != 0)
+    assert get_keras_mask(weights) is None

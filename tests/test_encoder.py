@@ -261,3 +261,57 @@ def test_bad_inputs(backend):
         block(tensor(np.zeros((B, T, E), np.int32)))
     with pytest.raises(ValueError, match=r"mask of shape \(7, 6\) does not broadcast"):
         block(tensor(x_input()), mask=tensor(np.ones((T, 6), bool)))
+
+
+# Keras's implicit mask: the block, fed Embedding(mask_zero=True) output and no mask, honours the
+# sequence mask as a block built from keras.layers.MultiHeadAttention does.
+
+def keras_builtin_block(d: dict, x, norm_first: bool, scores: bool):
+    """The block from Keras's own layers (MultiHeadAttention, LayerNormalization) and the same numbers.
+
+    `scores=True` takes keras.layers.MultiHeadAttention's weights path (return_attention_scores),
+    False its fused path.
+    """
+    w = mha.Weights(H, *(d[f"w_{n}"] for n in "qkvo"), *(d[f"b_{n}"] for n in "qkvo"))
+    attn = mha.keras.to_builtin(w)
+    norms = []
+    for i in (1, 2):
+        ln = keras.layers.LayerNormalization(epsilon=1e-5)
+        ln.build((None, None, E))
+        ln.gamma.assign(d[f"ln{i}_gamma"])
+        ln.beta.assign(d[f"ln{i}_beta"])
+        norms.append(ln)
+    ops = keras.ops
+    ffn = lambda y: ops.matmul(ops.relu(ops.matmul(y, d["w_1"]) + d["b_1"]), d["w_2"]) + d["b_2"]
+    mhsa = lambda y: attn(y, y, return_attention_scores=True)[0] if scores else attn(y, y)
+    if norm_first:
+        x = x + mhsa(norms[0](x))  # LayerNormalization passes the sequence mask on to its output
+        x = x + ffn(norms[1](x))
+    else:
+        x = norms[0](x + mhsa(x))
+        x = norms[1](x + ffn(x))
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+@pytest.mark.parametrize("ids", [
+    np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0]]),  # B = 2, T = 5
+    np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [1, 1, 1, 1, 1], [2, 0, 0, 0, 0], [3, 3, 3, 3, 0]]),  # B = T = 5
+], ids=["B!=T", "B=T"])
+def test_keras_block_honours_the_implicit_sequence_mask(norm_first, ids):
+    d = random_dict(9)
+    table = np.random.default_rng(9).standard_normal((10, E)).astype(np.float32)
+    embed = lambda: keras.layers.Embedding(  # a fresh masked tensor: Keras's layer deletes its inputs' masks
+        10, E, mask_zero=True, embeddings_initializer=keras.initializers.Constant(table))(ids)
+    out, weights = run_keras(mha.keras.EncoderBlock.from_numpy_dict(d, H, norm_first=norm_first), embed())
+    real = ids != 0
+    mask = real[:, None, None, :] & real[:, None, :, None]  # (B, 1, T, T): query and key both real
+    ref, ref_weights = mnp.EncoderBlock.from_numpy_dict(d, H, norm_first=norm_first)(table[ids], mask=mask)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(weights, ref_weights, atol=ATOL, rtol=0)
+    # Keras's weights path zeroes the padded query rows' weights as we do: every row agrees.
+    np.testing.assert_allclose(out, keras_builtin_block(d, embed(), norm_first, scores=True), atol=ATOL, rtol=0)
+    # Its fused path agrees on the real rows only (uniform weights on the padded ones).
+    fused = keras_builtin_block(d, embed(), norm_first, scores=False)
+    np.testing.assert_allclose(out[real], fused[real], atol=ATOL, rtol=0)
+    assert np.abs(out[~real] - fused[~real]).max() > 1e-2

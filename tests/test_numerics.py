@@ -220,3 +220,42 @@ def test_expect_error_prints_and_insists(capsys):
     with pytest.raises(TypeError):
         with mha.expect_error(ValueError):
             mha.numpy.causal_mask(1.5)
+
+
+def keras_variables(a: np.ndarray) -> list:
+    """The same numbers as a keras.Variable, and on TensorFlow as a tf.Variable too (it has no .ndim)."""
+    found = [keras.Variable(a, trainable=False)]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        found.append(tf.Variable(a))
+    return found
+
+
+def test_keras_functions_take_variables():
+    """Every public mha.keras function converts its inputs on entry: Variables give what arrays give."""
+    import mha.keras as mk
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    q4 = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    mask = np.tril(np.ones((3, 3), bool))
+    lengths = np.array([3, 1], np.int32)
+    w = mha.Weights.random(8, 2, seed=4)
+    d = mha.numpy.EncoderBlock(8, 2, 16).to_numpy_dict()
+    calls = {
+        "softmax": lambda v: mk.softmax(v(x)),
+        "masked_softmax": lambda v: mk.masked_softmax(v(x[:, :, :3]), v(mask)),
+        "padding_mask": lambda v: mk.padding_mask(v(lengths), 3),
+        "scaled_dot_product_attention": lambda v: mk.scaled_dot_product_attention(v(q4), v(q4), v(q4), v(mask))[0],
+        "split_heads": lambda v: mk.split_heads(v(x), 2),
+        "merge_heads": lambda v: mk.merge_heads(v(q4)),
+        "MultiHeadAttention": lambda v: mk.MultiHeadAttention.from_weights(w)(v(x), v(x), v(x), mask=v(mask))[0],
+        "to_builtin_mask": lambda v: mk.to_builtin_mask(v(mask), 2, 3, 3),
+        "EncoderBlock": lambda v: mk.EncoderBlock.from_numpy_dict(d, 2)(v(x), mask=v(mask))[0],
+    }
+    for name, call in calls.items():
+        expected = keras.ops.convert_to_numpy(call(lambda a: a))
+        for i in range(len(keras_variables(x))):
+            got = keras.ops.convert_to_numpy(call(lambda a: keras_variables(a)[i]))  # no variable comes back
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}, variable {i}")
