@@ -197,3 +197,93 @@ def check_sequence_mask(name: str, shape: tuple, input_shape: tuple) -> None:
             f"MultiHeadAttention: the Keras mask of {name} must have shape (B, length) = {tuple(input_shape[:2])}, "
             f"got {shape}"
         )
+
+
+# Chapter 11: decoding (causal_mask's align, MultiHeadAttention.decode and KVCache, DecoderBlock).
+
+ALIGNS = ("top-left", "bottom-right")
+
+
+def check_align(align) -> None:
+    if not isinstance(align, str) or align not in ALIGNS:
+        raise ValueError(f"causal_mask: align must be one of {ALIGNS}, got align={align!r}")
+
+
+def check_decode_input(d_model: int, shape: tuple, dtype: str) -> None:
+    """Checks the new tokens x (B, T_new, E) handed to ``MultiHeadAttention.decode``."""
+    check_float("MultiHeadAttention.decode", "x", shape, dtype)
+    if len(shape) != 3 or not same(shape[-1], d_model):
+        raise ValueError(
+            f"MultiHeadAttention.decode: x must have shape (B, T_new, E) with E = d_model = {d_model}, got {shape}"
+        )
+
+
+def check_cache(k_shape: tuple, v_shape: tuple, expected: tuple, dtypes: tuple) -> None:
+    """Checks a KVCache against the layer and batch it is used with.
+
+    `expected` is (B, Hkv, D): the batch of x, the layer's number of key/value heads and head size.
+    """
+    where = "MultiHeadAttention.decode"
+    if len(k_shape) != 4 or k_shape != v_shape:
+        raise ValueError(f"{where}: cache.k and cache.v must share one shape (B, Hkv, S, D), got {k_shape} and {v_shape}")
+    b, h, d = expected
+    if not (same(k_shape[0], b) and k_shape[1] == h and k_shape[3] == d):
+        raise ValueError(
+            f"{where}: the cache holds keys of shape {k_shape} (B, Hkv, S, D), but this layer and x need "
+            f"(B, Hkv, S, D) = ({b}, {h}, S, {d}): a cache from another layer or another batch"
+        )
+    if dtypes[0] != dtypes[1]:
+        raise TypeError(f"{where}: the cache's k and v must share the layer's dtype, got {dtypes[0]} and {dtypes[1]}")
+
+
+def check_decoder_args(d_model, num_heads, d_ff, dropout, norm_first, eps) -> None:
+    """check_block_args, with the messages naming DecoderBlock."""
+    try:
+        check_block_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("EncoderBlock", "DecoderBlock")) from None
+
+
+def check_decoder_input(d_model: int, x_shape: tuple, m_shape: tuple, x_dtype: str, m_dtype: str) -> None:
+    """Checks the target x (B, T, E) and the encoder's output memory (B, S, E) of a DecoderBlock."""
+    for name, shape, dtype, legend in (("x", x_shape, x_dtype, "(B, T, E)"), ("memory", m_shape, m_dtype, "(B, S, E)")):
+        check_float("DecoderBlock", name, shape, dtype)
+        if len(shape) != 3 or not same(shape[-1], d_model):
+            raise ValueError(f"DecoderBlock: {name} must have shape {legend} with E = d_model = {d_model}, got {shape}")
+    if not same(x_shape[0], m_shape[0]):
+        raise ValueError(f"DecoderBlock: x and memory must have the same batch size B, got x {x_shape}, memory {m_shape}")
+
+
+def decoder_shapes(e: int, f: int) -> dict[str, tuple]:
+    """The keys and shapes of ``DecoderBlock.to_numpy_dict()``; every weight is applied as ``x @ w``."""
+    return {
+        **{f"self_w_{n}": (e, e) for n in "qkvo"}, **{f"self_b_{n}": (e,) for n in "qkvo"},  # masked self-attention
+        **{f"cross_w_{n}": (e, e) for n in "qkvo"}, **{f"cross_b_{n}": (e,) for n in "qkvo"},  # cross-attention
+        **{f"ln{i}_{p}": (e,) for i in (1, 2, 3) for p in ("gamma", "beta")},  # after (or before) each sublayer
+        "w_1": (e, f), "b_1": (f,), "w_2": (f, e), "b_2": (e,),  # FFN: (E -> d_ff) then (d_ff -> E)
+    }
+
+
+def check_decoder_dict(d) -> tuple[int, int]:
+    """Checks a dict laid out like ``DecoderBlock.to_numpy_dict()``; returns (d_model, d_ff)."""
+    where = "DecoderBlock.from_numpy_dict"
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: d must be a dict of NumPy arrays, got {type(d).__name__}")
+    if np.ndim(d.get("w_1")) != 2:
+        raise ValueError(f"{where}: d needs 'w_1' of shape (E, d_ff), got {np.shape(d.get('w_1'))}")
+    expected = decoder_shapes(*np.shape(d["w_1"]))
+    if set(d) != set(expected):
+        raise ValueError(
+            f"{where}: missing keys {sorted(set(expected) - set(d))}, unexpected keys {sorted(set(d) - set(expected))}"
+        )
+    for name, shape in expected.items():
+        if np.shape(d[name]) != shape:
+            raise ValueError(f"{where}: {name} must have shape {shape} (from w_1), got {np.shape(d[name])}")
+    return np.shape(d["w_1"])
+
+
+def check_cache_type(is_cache: bool, cache) -> None:
+    if not is_cache:
+        raise TypeError(
+            f"MultiHeadAttention.decode: cache must be None or a KVCache returned by decode, got {type(cache).__name__}"
+        )

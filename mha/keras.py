@@ -8,6 +8,7 @@ backend tensors and return backend tensors; ``MultiHeadAttention`` is a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -29,6 +30,8 @@ __all__ = [
     "to_builtin",
     "to_builtin_mask",
     "EncoderBlock",
+    "KVCache",
+    "DecoderBlock",
 ]
 
 
@@ -86,12 +89,17 @@ def masked_softmax(x, mask, axis: int = -1):
     return _normalize(_fill_masked(x, mask), axis)
 
 
-def causal_mask(t: int, s: int | None = None):
-    """Bool (T, S), True where query i may attend key j, that is j <= i."""
+def causal_mask(t: int, s: int | None = None, *, align: str = "top-left"):
+    """Bool (T, S), True where query i may attend key j: j <= i (top-left, as ``use_causal_mask``).
+
+    ``align="bottom-right"``: j <= i + (S - T), the last T of S positions, as when decoding with a cache.
+    """
     s = t if s is None else s
     _checks.check_positive_int("t", t)
     _checks.check_positive_int("s", s)
-    return ops.arange(s)[None, :] <= ops.arange(t)[:, None]  # (1, S) <= (T, 1) -> (T, S)
+    _checks.check_align(align)
+    offset = s - t if align == "bottom-right" else 0  # where query 0 sits among the keys
+    return ops.arange(s)[None, :] <= ops.arange(t)[:, None] + offset  # (1, S) <= (T, 1) -> (T, S)
 
 
 def padding_mask(lengths, s: int):
@@ -226,6 +234,29 @@ class MultiHeadAttention(keras.layers.Layer):
     def compute_mask(self, inputs, previous_mask=None):
         # As keras.layers.MultiHeadAttention: `out` keeps the query's sequence mask, the weights none.
         return None if previous_mask is None else (previous_mask, None)
+
+    def decode(self, x, cache: "KVCache | None" = None):
+        """Causal self-attention of new tokens x (B, T_new, E) over the cached keys and values and their own.
+
+        The S = len(cache) + T_new keys are masked bottom-right. Returns
+        (out (B, T_new, E), weights (B, H, T_new, S), the cache with S keys).
+        """
+        x = _tensor(x)
+        _checks.check_decode_input(self.d_model, _shape(x), _dtype(x))
+        if cache is not None:
+            _checks.check_cache_type(isinstance(cache, KVCache), cache)
+            expected = (x.shape[0], self.num_heads, self.d_model // self.num_heads)  # Hkv = H until GQA
+            _checks.check_cache(_shape(cache.k), _shape(cache.v), expected, (_dtype(cache.k), _dtype(cache.v)))
+        if not self.built:
+            self.build()
+        h = self.num_heads
+        q = split_heads(self._linear(x, 0), h)  # (B, T_new, E) -> (B, H, T_new, D)
+        k = split_heads(self._linear(x, 1), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        v = split_heads(self._linear(x, 2), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        mask = causal_mask(q.shape[2], len(cache), align="bottom-right")  # (T_new, S)
+        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        return self._linear(merge_heads(out), 3), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias}
@@ -366,6 +397,133 @@ class EncoderBlock(keras.layers.Layer):
                         eps: float = 1e-5) -> "EncoderBlock":
         """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
         e, f = _checks.check_block_dict(d)
+        block = cls(e, num_heads, f, dropout=dropout, norm_first=norm_first, eps=eps)
+        for name, variable in block._variables().items():
+            variable.assign(np.asarray(d[name], dtype=np.float32))
+        return block
+
+
+# Chapter 11: decoding. The key/value cache and the decoder block.
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The keys and values of every token decoded so far by one attention layer: k, v (B, Hkv, S, D).
+
+    ``len(cache)`` is S. ``append`` returns a new, longer cache and leaves this one as it was.
+    """
+
+    k: object
+    v: object
+
+    def __len__(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k, v) -> "KVCache":
+        """This cache followed by the new tokens' k, v (B, Hkv, T_new, D): (B, Hkv, S + T_new, D)."""
+        return KVCache(ops.concatenate([self.k, k], axis=2), ops.concatenate([self.v, v], axis=2))
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = np.dtype(_dtype(self.k)).itemsize
+        return 2 * math.prod(self.k.shape) * itemsize
+
+
+class DecoderBlock(keras.layers.Layer):
+    """A transformer decoder block: masked self-attention, cross-attention over the encoder's output, an FFN.
+
+    post-LN (``norm_first=False``):  x = LN1(x + Drop(SelfMHA(x)));  x = LN2(x + Drop(CrossMHA(x, memory)));
+                                     x = LN3(x + Drop(FFN(x)))
+    pre-LN  (``norm_first=True``):   x = x + Drop(SelfMHA(LN1(x)));  x = x + Drop(CrossMHA(LN2(x), memory));
+                                     x = x + Drop(FFN(LN3(x)))
+
+    Dropout in the same places as ``mha.torch.DecoderBlock``. Called as
+    ``block(x, memory, mask=None, memory_mask=None, training=None)``: x (B, T, E), memory (B, S, E),
+    `mask` broadcastable to (B, H, T, T), `memory_mask` to (B, H, T, S); the block never reads Keras's
+    implicit sequence masks as these (pass them explicitly).
+    Returns (out (B, T, E), self_weights (B, H, T, T), cross_weights (B, H, T, S)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        _checks.check_decoder_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        self.d_model, self.num_heads, self.d_ff, self.norm_first = d_model, num_heads, d_ff, norm_first
+        self.rate, self.eps = dropout, eps
+        self.self_attn = MultiHeadAttention(d_model, num_heads)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads)
+        # Keras's LayerNormalization defaults to epsilon=1e-3, torch's nn.LayerNorm to 1e-5: pass eps on.
+        self.norm1, self.norm2, self.norm3 = (keras.layers.LayerNormalization(epsilon=eps) for _ in range(3))
+        self.linear1 = keras.layers.Dense(d_ff)
+        self.linear2 = keras.layers.Dense(d_model)
+        self.dropout = keras.layers.Dropout(dropout)  # no weights: one layer serves all four places
+
+    def build(self, input_shape=None, memory_shape=None):
+        x_shape, h_shape = (None, None, self.d_model), (None, None, self.d_ff)
+        self.self_attn.build()
+        self.cross_attn.build()
+        for layer, shape in ((self.norm1, x_shape), (self.norm2, x_shape), (self.norm3, x_shape),
+                             (self.linear1, x_shape), (self.linear2, h_shape)):
+            layer.build(shape)
+
+    def _ffn(self, x, training=None):
+        h = self.dropout(ops.relu(self.linear1(x)), training=training)  # (B, T, E) -> (B, T, d_ff)
+        return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
+
+    def __call__(self, x, memory, mask=None, memory_mask=None, training=None, **kwargs):
+        # Keras fills a call argument named `mask` or `memory_mask` with the inputs' implicit sequence
+        # masks (`_keras_mask`, shape (B, T) or (B, S)): hand `call` the attention masks under a name
+        # it does not touch, so only the masks the caller passed are ever applied.
+        return super().__call__(x, memory, attention_masks=(mask, memory_mask), training=training, **kwargs)
+
+    def call(self, x, memory, attention_masks=(None, None), training=None):
+        mask, memory_mask = attention_masks
+        _checks.check_decoder_input(self.d_model, _shape(x), _shape(memory), _dtype(x), _dtype(memory))
+        drop = lambda y: self.dropout(y, training=training)
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy of x; the residual path is left alone
+            a, self_weights = self.self_attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + drop(a)
+            c, cross_weights = self.cross_attn(self.norm2(x), memory, mask=memory_mask)  # (B, H, T, S)
+            x = x + drop(c)
+            x = x + drop(self._ffn(self.norm3(x), training))
+        else:  # post-LN: normalize each residual sum
+            a, self_weights = self.self_attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self.norm1(x + drop(a))
+            c, cross_weights = self.cross_attn(x, memory, mask=memory_mask)  # queries from x, keys from memory
+            x = self.norm2(x + drop(c))
+            x = self.norm3(x + drop(self._ffn(x, training)))
+        return x, self_weights, cross_weights
+
+    def compute_mask(self, inputs, previous_mask=None):
+        # `mask` here is an attention mask, not a Keras sequence mask to hand downstream.
+        return None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "d_ff": self.d_ff,
+                "dropout": self.rate, "norm_first": self.norm_first, "eps": self.eps}
+
+    def _variables(self) -> dict:
+        """Each key of ``to_numpy_dict`` and the Keras variable behind it (Dense kernels are already (in, out))."""
+        if not self.built:
+            self.build()
+        v = {}
+        for prefix, attn in (("self", self.self_attn), ("cross", self.cross_attn)):
+            v.update({f"{prefix}_w_{n}": k for n, k in zip("qkvo", attn.kernels)})
+            v.update({f"{prefix}_b_{n}": b for n, b in zip("qkvo", attn.biases)})
+        for i, norm in enumerate((self.norm1, self.norm2, self.norm3), 1):
+            v[f"ln{i}_gamma"], v[f"ln{i}_beta"] = norm.gamma, norm.beta
+        v.update({"w_1": self.linear1.kernel, "b_1": self.linear1.bias,
+                  "w_2": self.linear2.kernel, "b_2": self.linear2.bias})
+        return v
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array, applied as ``x @ w``."""
+        return {name: np.array(v.numpy(), dtype=np.float32) for name, v in self._variables().items()}
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "DecoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_decoder_dict(d)
         block = cls(e, num_heads, f, dropout=dropout, norm_first=norm_first, eps=eps)
         for name, variable in block._variables().items():
             variable.assign(np.asarray(d[name], dtype=np.float32))

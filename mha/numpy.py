@@ -6,6 +6,7 @@ function; this file keeps the code short enough to read in one sitting.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,8 @@ __all__ = [
     "MultiHeadAttention",
     "layer_norm",
     "EncoderBlock",
+    "KVCache",
+    "DecoderBlock",
     "fast_scaled_dot_product_attention",
     "tiled_attention",
 ]
@@ -57,12 +60,18 @@ def masked_softmax(x, mask, axis: int = -1) -> np.ndarray:
     return softmax(np.where(mask, x, -np.inf), axis)  # blocked entries become -inf: exp(-inf) = 0
 
 
-def causal_mask(t: int, s: int | None = None) -> np.ndarray:
-    """Bool (T, S), True where query i may attend key j, that is j <= i."""
+def causal_mask(t: int, s: int | None = None, *, align: str = "top-left") -> np.ndarray:
+    """Bool (T, S), True where query i may attend key j: j <= i (top-left, as ``is_causal``).
+
+    ``align="bottom-right"`` puts the triangle's corner at the last key, j <= i + (S - T): the T
+    queries are the last T of the S positions, as when decoding with a cache (chapter 11).
+    """
     s = t if s is None else s
     _checks.check_positive_int("t", t)
     _checks.check_positive_int("s", s)
-    return np.arange(s)[None, :] <= np.arange(t)[:, None]  # (1, S) <= (T, 1) -> (T, S)
+    _checks.check_align(align)
+    offset = s - t if align == "bottom-right" else 0  # where query 0 sits among the keys
+    return np.arange(s)[None, :] <= np.arange(t)[:, None] + offset  # (1, S) <= (T, 1) -> (T, S)
 
 
 def padding_mask(lengths, s: int) -> np.ndarray:
@@ -173,6 +182,27 @@ class MultiHeadAttention:
         out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, D), (B, H, T, S)
         return _linear(merge_heads(out), w.w_o, w.b_o), weights  # (B, H, T, D) -> (B, T, E)
 
+    def decode(self, x, cache: "KVCache | None" = None) -> tuple[np.ndarray, np.ndarray, "KVCache"]:
+        """Causal self-attention of new tokens x (B, T_new, E) over the cached keys and values and their own.
+
+        The S = len(cache) + T_new keys are masked bottom-right: new token i sits at position
+        S - T_new + i. Returns (out (B, T_new, E), weights (B, H, T_new, S), the cache with S keys).
+        """
+        x = np.asarray(x)
+        _checks.check_decode_input(self.d_model, x.shape, _dtype(x))
+        if cache is not None:
+            _checks.check_cache_type(isinstance(cache, KVCache), cache)
+            expected = (x.shape[0], self.num_heads, self._w.head_dim)  # Hkv = H until grouped-query attention
+            _checks.check_cache(cache.k.shape, cache.v.shape, expected, (_dtype(cache.k), _dtype(cache.v)))
+        w, h = self._w, self.num_heads
+        q = split_heads(_linear(x, w.w_q, w.b_q), h)  # (B, T_new, E) -> (B, H, T_new, D)
+        k = split_heads(_linear(x, w.w_k, w.b_k), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        v = split_heads(_linear(x, w.w_v, w.b_v), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        mask = causal_mask(q.shape[2], len(cache), align="bottom-right")  # (T_new, S)
+        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        return _linear(merge_heads(out), w.w_o, w.b_o), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
+
     def __repr__(self) -> str:
         return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads})"
 
@@ -257,6 +287,114 @@ class EncoderBlock:
 
     def __repr__(self) -> str:
         return (f"mha.numpy.EncoderBlock(d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, "
+                f"norm_first={self.norm_first})")
+
+
+# Chapter 11: decoding. The key/value cache and the decoder block.
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The keys and values of every token decoded so far by one attention layer: k, v (B, Hkv, S, D).
+
+    ``len(cache)`` is S. ``append`` returns a new, longer cache and leaves this one as it was.
+    """
+
+    k: np.ndarray
+    v: np.ndarray
+
+    def __len__(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k, v) -> "KVCache":
+        """This cache followed by the new tokens' k, v (B, Hkv, T_new, D): (B, Hkv, S + T_new, D)."""
+        return KVCache(np.concatenate([self.k, k], axis=2), np.concatenate([self.v, v], axis=2))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def _attention_params(prefix: str, w: Weights) -> dict[str, np.ndarray]:
+    return {f"{prefix}_{n}": getattr(w, n) for n in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")}
+
+
+def _attention_from(p: dict, prefix: str, num_heads: int) -> MultiHeadAttention:
+    names = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+    return MultiHeadAttention.from_weights(Weights(num_heads, *(p[f"{prefix}_{n}"] for n in names)))
+
+
+class DecoderBlock:
+    """A transformer decoder block in NumPy: the reference for ``mha.torch`` and ``mha.keras``.
+
+    post-LN (``norm_first=False``):  x = LN1(x + SelfMHA(x));  x = LN2(x + CrossMHA(x, memory));  x = LN3(x + FFN(x))
+    pre-LN  (``norm_first=True``):   x = x + SelfMHA(LN1(x));  x = x + CrossMHA(LN2(x), memory);  x = x + FFN(LN3(x))
+
+    The order of ``nn.TransformerDecoderLayer``. The memory (the encoder's output) is never
+    normalized here. As in ``EncoderBlock``, NumPy has no training mode: ``dropout`` is kept for the
+    signature and never applied. Called as ``block(x, memory, mask=None, memory_mask=None)`` with x
+    (B, T, E) and memory (B, S, E); `mask` is the self-attention's (broadcastable to (B, H, T, T), a
+    causal mask for a decoder), `memory_mask` the cross-attention's (to (B, H, T, S)). Returns
+    (out (B, T, E), self_weights (B, H, T, T), cross_weights (B, H, T, S)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5, *, seed: int = 0):
+        _checks.check_decoder_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        rng = np.random.default_rng(seed)
+        draw = lambda fan_in, *shape: rng.uniform(-fan_in**-0.5, fan_in**-0.5, shape).astype(np.float32)
+        ones, zeros = np.ones(d_model, np.float32), np.zeros(d_model, np.float32)
+        params = {
+            **_attention_params("self", Weights.random(d_model, num_heads, seed=seed)),
+            **_attention_params("cross", Weights.random(d_model, num_heads, seed=seed + 1)),
+            **{f"ln{i}_{p}": (ones if p == "gamma" else zeros) for i in (1, 2, 3) for p in ("gamma", "beta")},
+            "w_1": draw(d_model, d_model, d_ff), "b_1": draw(d_model, d_ff),
+            "w_2": draw(d_ff, d_ff, d_model), "b_2": draw(d_ff, d_model),
+        }
+        self._set(params, num_heads, dropout, norm_first, eps)
+
+    def _set(self, params: dict, num_heads: int, dropout: float, norm_first: bool, eps: float) -> None:
+        self.p = {name: np.array(value, dtype=np.float32) for name, value in params.items()}  # copies
+        self.d_model, self.d_ff = self.p["w_1"].shape
+        self.num_heads, self.dropout, self.norm_first, self.eps = num_heads, dropout, norm_first, eps
+        self.self_attn = _attention_from(self.p, "self", num_heads)
+        self.cross_attn = _attention_from(self.p, "cross", num_heads)
+
+    _norm = EncoderBlock._norm  # LN number i, read from self.p as in the encoder block
+    _ffn = EncoderBlock._ffn  # ReLU(x @ w_1 + b_1) @ w_2 + b_2
+
+    def __call__(self, x, memory, mask=None, memory_mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, memory = np.asarray(x), np.asarray(memory)
+        _checks.check_decoder_input(self.d_model, x.shape, memory.shape, _dtype(x), _dtype(memory))
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy of x; the residual path is left alone
+            a, self_weights = self.self_attn(self._norm(x, 1), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + a
+            c, cross_weights = self.cross_attn(self._norm(x, 2), memory, mask=memory_mask)  # (B, H, T, S)
+            x = x + c
+            x = x + self._ffn(self._norm(x, 3))
+        else:  # post-LN: normalize each residual sum
+            a, self_weights = self.self_attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self._norm(x + a, 1)
+            c, cross_weights = self.cross_attn(x, memory, mask=memory_mask)  # queries from x, keys from memory
+            x = self._norm(x + c, 2)
+            x = self._norm(x + self._ffn(x), 3)
+        return x, self_weights, cross_weights
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array (copies), applied as ``x @ w``."""
+        return {name: value.copy() for name, value in self.p.items()}
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "DecoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_decoder_dict(d)
+        _checks.check_decoder_args(e, num_heads, f, dropout, norm_first, eps)
+        block = cls.__new__(cls)
+        block._set(d, num_heads, dropout, norm_first, eps)
+        return block
+
+    def __repr__(self) -> str:
+        return (f"mha.numpy.DecoderBlock(d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, "
                 f"norm_first={self.norm_first})")
 
 

@@ -7,6 +7,7 @@ Functions take and return ``torch.Tensor``; ``MultiHeadAttention`` is an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -27,6 +28,9 @@ __all__ = [
     "to_builtin",
     "to_builtin_mask",
     "EncoderBlock",
+    "KVCache",
+    "DecoderBlock",
+    "to_builtin_decoder",
 ]
 
 
@@ -71,12 +75,17 @@ def masked_softmax(x: torch.Tensor, mask: torch.Tensor, axis: int = -1) -> torch
     return _normalize(x.masked_fill(~mask, float("-inf")), axis)
 
 
-def causal_mask(t: int, s: int | None = None) -> torch.Tensor:
-    """Bool (T, S), True where query i may attend key j, that is j <= i."""
+def causal_mask(t: int, s: int | None = None, *, align: str = "top-left") -> torch.Tensor:
+    """Bool (T, S), True where query i may attend key j: j <= i (top-left, as ``is_causal``).
+
+    ``align="bottom-right"``: j <= i + (S - T), as ``torch.nn.attention.bias.causal_lower_right``.
+    """
     s = t if s is None else s
     _checks.check_positive_int("t", t)
     _checks.check_positive_int("s", s)
-    return torch.arange(s)[None, :] <= torch.arange(t)[:, None]  # (1, S) <= (T, 1) -> (T, S)
+    _checks.check_align(align)
+    offset = s - t if align == "bottom-right" else 0  # where query 0 sits among the keys
+    return torch.arange(s)[None, :] <= torch.arange(t)[:, None] + offset  # (1, S) <= (T, 1) -> (T, S)
 
 
 def padding_mask(lengths, s: int) -> torch.Tensor:
@@ -200,6 +209,27 @@ class MultiHeadAttention(nn.Module):
                     proj.bias.copy_(_from_numpy(b_e))
         return layer
 
+    def decode(self, x, cache: "KVCache | None" = None) -> tuple[torch.Tensor, torch.Tensor, "KVCache"]:
+        """Causal self-attention of new tokens x (B, T_new, E) over the cached keys and values and their own.
+
+        The S = len(cache) + T_new keys are masked bottom-right. Returns
+        (out (B, T_new, E), weights (B, H, T_new, S), the cache with S keys).
+        """
+        _tensor("MultiHeadAttention.decode", "x", x)
+        _checks.check_decode_input(self.d_model, _shape(x), _dtype(x))
+        if cache is not None:
+            _checks.check_cache_type(isinstance(cache, KVCache), cache)
+            expected = (x.shape[0], self.num_heads, self.d_model // self.num_heads)  # Hkv = H until GQA
+            _checks.check_cache(_shape(cache.k), _shape(cache.v), expected, (_dtype(cache.k), _dtype(cache.v)))
+        h = self.num_heads
+        q = split_heads(self.q_proj(x), h)  # (B, T_new, E) -> (B, H, T_new, D)
+        k = split_heads(self.k_proj(x), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        v = split_heads(self.v_proj(x), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        mask = causal_mask(q.shape[2], len(cache), align="bottom-right").to(x.device)  # (T_new, S)
+        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        return self.out_proj(merge_heads(out)), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}"
 
@@ -307,3 +337,139 @@ class EncoderBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, norm_first={self.norm_first}"
+
+
+# Chapter 11: decoding. The key/value cache and the decoder block.
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The keys and values of every token decoded so far by one attention layer: k, v (B, Hkv, S, D).
+
+    ``len(cache)`` is S. ``append`` returns a new, longer cache and leaves this one as it was.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """This cache followed by the new tokens' k, v (B, Hkv, T_new, D): (B, Hkv, S + T_new, D)."""
+        return KVCache(torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+_ATTENTION_KEYS = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+
+
+def _attention_weights(d: dict, prefix: str, num_heads: int) -> Weights:
+    return Weights(num_heads, *(np.asarray(d[f"{prefix}_{n}"], dtype=np.float32) for n in _ATTENTION_KEYS))
+
+
+class DecoderBlock(nn.Module):
+    """A transformer decoder block: masked self-attention, cross-attention over the encoder's output, an FFN.
+
+    post-LN (``norm_first=False``):  x = LN1(x + Drop(SelfMHA(x)));  x = LN2(x + Drop(CrossMHA(x, memory)));
+                                     x = LN3(x + Drop(FFN(x)))
+    pre-LN  (``norm_first=True``):   x = x + Drop(SelfMHA(LN1(x)));  x = x + Drop(CrossMHA(LN2(x), memory));
+                                     x = x + Drop(FFN(LN3(x)))
+
+    The order and dropout places of ``nn.TransformerDecoderLayer`` (which also drops attention weights;
+    this block does not). Called as ``block(x, memory, mask=None, memory_mask=None)``: x (B, T, E),
+    memory (B, S, E), `mask` broadcastable to (B, H, T, T), `memory_mask` to (B, H, T, S).
+    Returns (out (B, T, E), self_weights (B, H, T, T), cross_weights (B, H, T, S)).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
+                 eps: float = 1e-5):
+        super().__init__()
+        _checks.check_decoder_args(d_model, num_heads, d_ff, dropout, norm_first, eps)
+        self.d_model, self.num_heads, self.d_ff, self.norm_first = d_model, num_heads, d_ff, norm_first
+        self.self_attn = MultiHeadAttention(d_model, num_heads)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.norm3 = nn.LayerNorm(d_model, eps=eps)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)  # no state: one module serves all four places
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(torch.relu(self.linear1(x)))  # (B, T, E) -> (B, T, d_ff)
+        return self.linear2(h)  # (B, T, d_ff) -> (B, T, E)
+
+    def forward(self, x, memory, mask=None, memory_mask=None):
+        _tensor("DecoderBlock", "x", x)
+        _tensor("DecoderBlock", "memory", memory)
+        _checks.check_decoder_input(self.d_model, _shape(x), _shape(memory), _dtype(x), _dtype(memory))
+        if self.norm_first:  # pre-LN: each sublayer sees a normalized copy of x; the residual path is left alone
+            a, self_weights = self.self_attn(self.norm1(x), mask=mask)  # (B, T, E), (B, H, T, T)
+            x = x + self.dropout(a)
+            c, cross_weights = self.cross_attn(self.norm2(x), memory, mask=memory_mask)  # (B, H, T, S)
+            x = x + self.dropout(c)
+            x = x + self.dropout(self._ffn(self.norm3(x)))
+        else:  # post-LN: normalize each residual sum
+            a, self_weights = self.self_attn(x, mask=mask)  # (B, T, E), (B, H, T, T)
+            x = self.norm1(x + self.dropout(a))
+            c, cross_weights = self.cross_attn(x, memory, mask=memory_mask)  # queries from x, keys from memory
+            x = self.norm2(x + self.dropout(c))
+            x = self.norm3(x + self.dropout(self._ffn(x)))
+        return x, self_weights, cross_weights
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter as a float32 NumPy array, applied as ``x @ w`` (``nn.Linear`` weights transposed)."""
+        t = lambda p: p.detach().cpu().float().numpy().copy()
+        d = {}
+        for prefix, attn in (("self", self.self_attn), ("cross", self.cross_attn)):
+            w = attn.get_weights()
+            d.update({f"{prefix}_{n}": getattr(w, n) for n in _ATTENTION_KEYS})
+        for i, norm in enumerate((self.norm1, self.norm2, self.norm3), 1):
+            d[f"ln{i}_gamma"], d[f"ln{i}_beta"] = t(norm.weight), t(norm.bias)
+        d.update({"w_1": t(self.linear1.weight.T), "b_1": t(self.linear1.bias),  # nn.Linear stores (out, in)
+                  "w_2": t(self.linear2.weight.T), "b_2": t(self.linear2.bias)})
+        return d
+
+    @classmethod
+    def from_numpy_dict(cls, d: dict, num_heads: int, *, dropout: float = 0.0, norm_first: bool = False,
+                        eps: float = 1e-5) -> "DecoderBlock":
+        """The inverse of ``to_numpy_dict``; d_model and d_ff are read from the shape of ``d['w_1']``."""
+        e, f = _checks.check_decoder_dict(d)
+        block = cls(e, num_heads, f, dropout=dropout, norm_first=norm_first, eps=eps)
+        block.self_attn = MultiHeadAttention.from_weights(_attention_weights(d, "self", num_heads))
+        block.cross_attn = MultiHeadAttention.from_weights(_attention_weights(d, "cross", num_heads))
+        _copy_norms_and_ffn(block, d)
+        return block
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_heads={self.num_heads}, d_ff={self.d_ff}, norm_first={self.norm_first}"
+
+
+def _copy_norms_and_ffn(layer: nn.Module, d: dict) -> None:
+    """Loads the three LayerNorms and the FFN of a decoder dict into `layer` (ours and torch's share the names)."""
+    params = {f"norm{i}.{n}": d[f"ln{i}_{p}"] for i in (1, 2, 3) for n, p in (("weight", "gamma"), ("bias", "beta"))}
+    params.update({"linear1.weight": d["w_1"].T, "linear1.bias": d["b_1"],
+                   "linear2.weight": d["w_2"].T, "linear2.bias": d["b_2"]})
+    with torch.no_grad():
+        for name, value in params.items():
+            layer.get_parameter(name).copy_(_from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def to_builtin_decoder(d: dict, num_heads: int, *, norm_first: bool = False,
+                       eps: float = 1e-5) -> nn.TransformerDecoderLayer:
+    """The decoder dict ``d`` (``DecoderBlock.to_numpy_dict``'s layout) in an eval-mode
+    ``nn.TransformerDecoderLayer(batch_first=True, dropout=0)``.
+
+    Its masks mean True = blocked: pass ``tgt_mask=~mask`` and ``memory_key_padding_mask=~keep``.
+    """
+    e, f = _checks.check_decoder_dict(d)
+    _checks.check_decoder_args(e, num_heads, f, 0.0, norm_first, eps)
+    layer = nn.TransformerDecoderLayer(e, num_heads, dim_feedforward=f, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first, layer_norm_eps=eps)
+    for prefix, attn in (("self", layer.self_attn), ("cross", layer.multihead_attn)):
+        attn.load_state_dict(to_builtin(_attention_weights(d, prefix, num_heads)).state_dict())
+    _copy_norms_and_ffn(layer, d)
+    return layer.eval()
