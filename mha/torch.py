@@ -49,12 +49,12 @@ def _tensor(where: str, name: str, x) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN."""
-    m = x.amax(dim=axis, keepdim=True)
-    m = m.masked_fill(torch.isneginf(m), 0)  # all -inf: subtract 0, every exp is 0
-    e = torch.exp(x - m)
-    total = e.sum(dim=axis, keepdim=True)
-    return e / total.masked_fill(total == 0, 1)
+    """torch.softmax (stable: it subtracts the row's max), where a row of only -inf gives zeros, not NaN."""
+    empty = torch.isneginf(x.amax(dim=axis, keepdim=True))  # (..., 1): rows with no entry left (all masked)
+    if not empty.any():
+        return torch.softmax(x, dim=axis)
+    # softmax would give those rows 0/0 = NaN, and NaN gradients: give them zeros (from finite inputs)
+    return torch.softmax(x.masked_fill(empty, 0), dim=axis).masked_fill(empty, 0)
 
 
 def softmax(x: torch.Tensor, axis: int = -1) -> torch.Tensor:
@@ -113,9 +113,11 @@ def scaled_dot_product_attention(
     if mask is not None:
         _tensor(where, "mask", mask)
         _checks.check_mask(where, _shape(mask), _dtype(mask), scores_shape, "(..., T, S)")
-    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scaling q, not the scores: no half-precision overflow first
     scores = q @ k.transpose(-2, -1)  # (..., T, D) @ (..., D, S) -> (..., T, S)
-    weights = _normalize(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # blocked keys: exp(-inf) = 0
+    weights = _normalize(scores, -1)  # (..., T, S): each query's weights over the keys sum to 1
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
 
 

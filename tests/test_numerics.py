@@ -259,3 +259,22 @@ def test_keras_functions_take_variables():
         for i in range(len(keras_variables(x))):
             got = keras.ops.convert_to_numpy(call(lambda a: keras_variables(a)[i]))  # no variable comes back
             np.testing.assert_array_equal(got, expected, err_msg=f"{name}, variable {i}")
+
+
+def test_torch_fully_masked_rows_give_finite_gradients():
+    """torch.softmax alone gives an all -inf row 0/0 = NaN and NaN gradients: ours gives zeros."""
+    import mha.torch
+
+    x = torch.tensor([[0.0, 1.0], [float("-inf")] * 2], requires_grad=True)
+    y = mha.torch.softmax(x)
+    y.sum().backward()
+    assert torch.isnan(torch.softmax(x.detach(), -1)[1]).all()  # what the fix is for
+    assert (y[1] == 0).all() and (x.grad == 0).all()
+    q = torch.randn(2, 3, 4, requires_grad=True)
+    k, v = (torch.randn(2, 5, 4, requires_grad=True) for _ in range(2))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    out, weights = mha.torch.scaled_dot_product_attention(q, k, v, mask)
+    (out.sum() + weights.sum()).backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+    assert (weights[:, 1] == 0).all() and (out[:, 1] == 0).all()
