@@ -287,3 +287,21 @@ def check_cache_type(is_cache: bool, cache) -> None:
         raise TypeError(
             f"MultiHeadAttention.decode: cache must be None or a KVCache returned by decode, got {type(cache).__name__}"
         )
+
+
+# Chapter 9: gradients and dropout.
+
+def check_dropout(where: str, dropout) -> float:
+    """Checks a dropout probability p in [0, 1); returns it as a Python float (which keeps float32 float32)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{where}: dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0 <= dropout < 1:  # also False for NaN
+        raise ValueError(f"{where}: dropout must lie in [0, 1), got dropout={dropout}")
+    return float(dropout)
+
+
+def check_grad(where: str, name: str, shape: tuple, dtype: str, expected: tuple, legend: str) -> None:
+    """Checks an incoming gradient: a float array with exactly the shape of what it is the gradient of."""
+    check_float(where, name, shape, dtype)
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{where}: {name} must have the output's shape {legend} = {tuple(expected)}, got {shape}")

@@ -113,13 +113,17 @@ def padding_mask(lengths, s: int):
     return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
 
 
-def scaled_dot_product_attention(query, key, value, mask=None):
+def scaled_dot_product_attention(query, key, value, mask=None, *, dropout=0.0, rng=None):
     """softmax(q k^T / sqrt(D)) v for q (..., T, D), k (..., S, D), v (..., S, Dv).
 
     `mask` is boolean, True = may attend, broadcastable to (..., T, S).
     Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
+    `dropout` > 0 zeroes each weight with that probability before they multiply v
+    (the kept ones scaled by 1/(1 - dropout)), drawn with `rng`, a seed: an int or a
+    ``keras.random.SeedGenerator``; the weights returned are those before dropout (chapter 9).
     """
     q, k, v = _tensor(query), _tensor(key), _tensor(value)
+    dropout = _checks.check_dropout("scaled_dot_product_attention", dropout)
     scores_shape = _checks.check_attention(_shape(q), _shape(k), _shape(v), _dtype(q), _dtype(k), _dtype(v))
     if mask is not None:
         mask = _tensor(mask)
@@ -127,6 +131,8 @@ def scaled_dot_product_attention(query, key, value, mask=None):
     q = q * ops.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # cast: keep float16 float16
     scores = ops.matmul(q, ops.swapaxes(k, -1, -2))  # (..., T, D) @ (..., D, S) -> (..., T, S)
     weights = _normalize(scores if mask is None else _fill_masked(scores, mask), -1)
+    if dropout:
+        return ops.matmul(_dropout(weights, dropout, rng), v), weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
     return ops.matmul(weights, v), weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
 
 
@@ -181,12 +187,16 @@ class MultiHeadAttention(keras.layers.Layer):
 
     _NAMES = ("q", "k", "v", "o")
 
-    def __init__(self, d_model: int, num_heads: int, bias: bool = True, **kwargs):
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         _checks.check_positive_int("d_model", d_model)
         _checks.check_positive_int("num_heads", num_heads)
         _checks.check_heads(d_model, num_heads)
         self.d_model, self.num_heads, self.bias = d_model, num_heads, bias
+        self.dropout, self.seed = _checks.check_dropout("MultiHeadAttention", dropout), seed
+        # Dropout draws from the layer's own seed state (a Keras layer must not use the global one while traced).
+        self._seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
 
     def build(self, query_shape=None):
         e = self.d_model
@@ -209,7 +219,7 @@ class MultiHeadAttention(keras.layers.Layer):
             kwargs["attention_mask"] = mask
         return super().__call__(query, key, value, **kwargs)
 
-    def call(self, query, key=None, value=None, attention_mask=None):
+    def call(self, query, key=None, value=None, attention_mask=None, training=None):
         key = query if key is None else key
         value = key if value is None else value
         sequence_masks = [get_keras_mask(x) for x in (query, key, value)]  # (B, T) or None each; Keras's
@@ -228,7 +238,8 @@ class MultiHeadAttention(keras.layers.Layer):
         q = split_heads(self._linear(query, 0), h)  # (B, T, E) -> (B, H, T, D)
         k = split_heads(self._linear(key, 1), h)  # (B, S, E) -> (B, H, S, D)
         v = split_heads(self._linear(value, 2), h)  # (B, S, E) -> (B, H, S, D)
-        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, D), (B, H, T, S)
+        p = self.dropout if training else 0.0  # Keras passes training=True inside fit(), None or False otherwise
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p, rng=self._seed_generator)
         return self._linear(merge_heads(out), 3), weights  # (B, H, T, D) -> (B, T, E)
 
     def compute_mask(self, inputs, previous_mask=None):
@@ -259,7 +270,8 @@ class MultiHeadAttention(keras.layers.Layer):
         return self._linear(merge_heads(out), 3), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias}
+        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias,
+                "dropout": self.dropout, "seed": self.seed}
 
     def get_weights(self) -> Weights:
         """The layer's parameters as an ``mha.Weights``."""
@@ -270,14 +282,27 @@ class MultiHeadAttention(keras.layers.Layer):
         return Weights(self.num_heads, *ws, *bs)
 
     @classmethod
-    def from_weights(cls, w: Weights) -> "MultiHeadAttention":
-        layer = cls(w.d_model, w.num_heads, bias=w.has_bias)
+    def from_weights(cls, w: Weights, *, dropout: float = 0.0, seed=None) -> "MultiHeadAttention":
+        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout, seed=seed)
         layer.build()
         for kernel, bias, w_e, b_e in zip(layer.kernels, layer.biases, (w.w_q, w.w_k, w.w_v, w.w_o), w.biases()):
             kernel.assign(w_e)
             if bias is not None:
                 bias.assign(b_e)
         return layer
+
+
+# Chapter 9: dropout on the attention weights.
+
+def _dropout(weights, p: float, rng):
+    """Zeroes each entry with probability p and scales the kept ones by 1/(1 - p): unchanged on average."""
+    if rng is not None and not isinstance(rng, (int, keras.random.SeedGenerator)) or isinstance(rng, bool):
+        raise TypeError(
+            f"scaled_dot_product_attention: rng must be a seed (an int or a keras.random.SeedGenerator), "
+            f"got {type(rng).__name__}"
+        )
+    noise = keras.random.uniform(ops.shape(weights), dtype=weights.dtype, seed=rng)  # (..., T, S) in [0, 1)
+    return ops.where(noise >= p, weights / (1 - p), ops.zeros_like(weights))  # kept with probability 1 - p
 
 
 def to_builtin(w: Weights) -> keras.layers.MultiHeadAttention:

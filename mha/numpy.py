@@ -19,6 +19,8 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "scaled_dot_product_attention",
+    "softmax_vjp",
+    "scaled_dot_product_attention_vjp",
     "split_heads",
     "merge_heads",
     "MultiHeadAttention",
@@ -95,18 +97,25 @@ def _attention_inputs(where: str, query, key, value, mask):
     return q, k, v, mask, scores_shape
 
 
-def scaled_dot_product_attention(query, key, value, mask=None) -> tuple[np.ndarray, np.ndarray]:
+def scaled_dot_product_attention(query, key, value, mask=None, *, dropout=0.0, rng=None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q k^T / sqrt(D)) v for q (..., T, D), k (..., S, D), v (..., S, Dv).
 
     `mask` is boolean, True = may attend, broadcastable to (..., T, S).
     Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
+    `dropout` > 0 zeroes each weight with that probability before they multiply v
+    (the kept ones scaled by 1/(1 - dropout)), drawn from `rng`, a np.random.Generator;
+    the weights returned are those before dropout (chapter 9).
     """
     q, k, v, mask, _ = _attention_inputs("scaled_dot_product_attention", query, key, value, mask)
+    dropout = _checks.check_dropout("scaled_dot_product_attention", dropout)
     d = q.shape[-1]
     scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(d)  # (..., T, D) @ (..., D, S) -> (..., T, S)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)  # blocked keys get -inf, so their weight is exp(-inf) = 0
     weights = softmax(scores, axis=-1)  # (..., T, S): each query's weights over the keys sum to 1
+    if dropout:
+        return _dropout(weights, dropout, rng) @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
 
 
@@ -141,13 +150,15 @@ class MultiHeadAttention:
     query and value to key. Returns (out (B, T, E), weights (B, H, T, S)).
     """
 
-    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, seed: int = 0):
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0, seed: int = 0):
         self._w = Weights.random(d_model, num_heads, bias=bias, seed=seed)
+        self.dropout = _checks.check_dropout("MultiHeadAttention", dropout)
 
     @classmethod
-    def from_weights(cls, w: Weights) -> "MultiHeadAttention":
+    def from_weights(cls, w: Weights, *, dropout: float = 0.0) -> "MultiHeadAttention":
         layer = cls.__new__(cls)
         layer._w = w.copy()  # later edits to `w` do not leak in
+        layer.dropout = _checks.check_dropout("MultiHeadAttention", dropout)
         return layer
 
     def get_weights(self) -> Weights:
@@ -161,7 +172,8 @@ class MultiHeadAttention:
     def num_heads(self) -> int:
         return self._w.num_heads
 
-    def __call__(self, query, key=None, value=None, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, query, key=None, value=None, mask=None, *, training: bool = False,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         key = query if key is None else key
         value = key if value is None else value
         x_q, x_k, x_v = np.asarray(query), np.asarray(key), np.asarray(value)
@@ -179,7 +191,8 @@ class MultiHeadAttention:
         q = split_heads(_linear(x_q, w.w_q, w.b_q), h)  # (B, T, E) -> (B, H, T, D)
         k = split_heads(_linear(x_k, w.w_k, w.b_k), h)  # (B, S, E) -> (B, H, S, D)
         v = split_heads(_linear(x_v, w.w_v, w.b_v), h)  # (B, S, E) -> (B, H, S, D)
-        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, D), (B, H, T, S)
+        p = self.dropout if training else 0.0  # dropout only while training
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p, rng=rng)  # (B, H, T, D), (B, H, T, S)
         return _linear(merge_heads(out), w.w_o, w.b_o), weights  # (B, H, T, D) -> (B, T, E)
 
     def decode(self, x, cache: "KVCache | None" = None) -> tuple[np.ndarray, np.ndarray, "KVCache"]:
@@ -203,8 +216,107 @@ class MultiHeadAttention:
         out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
         return _linear(merge_heads(out), w.w_o, w.b_o), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
+    def vjp(self, query, key, value, d_out, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Weights]:
+        """The backward pass of ``self(query, key, value, mask)`` (without dropout), derived in chapter 9.
+
+        `d_out` (B, T, E) is the gradient of a loss with respect to the output. Returns
+        (d_query (B, T, E), d_key (B, S, E), d_value (B, S, E), d_weights), `d_weights` an
+        `mha.Weights` of the gradients of every weight and bias (zeros where the layer has
+        no bias). For self-attention, the gradient of the one input is the sum of the three.
+        """
+        x_q, x_k, x_v = np.asarray(query), np.asarray(key), np.asarray(value)
+        _checks.check_mha_inputs(
+            self.d_model, x_q.shape, x_k.shape, x_v.shape, (_dtype(x_q), _dtype(x_k), _dtype(x_v))
+        )
+        d_y = np.asarray(d_out)
+        _checks.check_grad("MultiHeadAttention.vjp", "d_out", d_y.shape, _dtype(d_y), x_q.shape, "(B, T, E)")
+        b, t, _ = x_q.shape
+        if mask is not None:
+            mask = np.asarray(mask)
+            _checks.check_mask(
+                "MultiHeadAttention", mask.shape, _dtype(mask), (b, self.num_heads, t, x_k.shape[1]), "(B, H, T, S)"
+            )
+        w, h = self._w, self.num_heads
+        # The forward again, keeping what the backward needs.
+        q = split_heads(_linear(x_q, w.w_q, w.b_q), h)  # (B, T, E) -> (B, H, T, D)
+        k = split_heads(_linear(x_k, w.w_k, w.b_k), h)  # (B, S, E) -> (B, H, S, D)
+        v = split_heads(_linear(x_v, w.w_v, w.b_v), h)  # (B, S, E) -> (B, H, S, D)
+        m = merge_heads(scaled_dot_product_attention(q, k, v, mask)[0])  # (B, H, T, D) -> (B, T, E)
+        # Backward, last step first: y = m @ w_o + b_o.
+        d_m, d_w_o, d_b_o = _linear_vjp(m, w.w_o, d_y)  # (B, T, E), (E, E), (E,)
+        # merge_heads only moves entries around: its backward is split_heads, and the other way round.
+        d_q, d_k, d_v = scaled_dot_product_attention_vjp(q, k, v, split_heads(d_m, h), mask)  # (B, H, ., D)
+        d_query, d_w_q, d_b_q = _linear_vjp(x_q, w.w_q, merge_heads(d_q))  # (B, T, E), (E, E), (E,)
+        d_key, d_w_k, d_b_k = _linear_vjp(x_k, w.w_k, merge_heads(d_k))  # (B, S, E), (E, E), (E,)
+        d_value, d_w_v, d_b_v = _linear_vjp(x_v, w.w_v, merge_heads(d_v))  # (B, S, E), (E, E), (E,)
+        d_b = (d_b_q, d_b_k, d_b_v, d_b_o) if w.has_bias else (np.zeros_like(d_b_o),) * 4  # no bias: zeros
+        return d_query, d_key, d_value, Weights(h, d_w_q, d_w_k, d_w_v, d_w_o, *d_b)
+
     def __repr__(self) -> str:
         return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads})"
+
+
+# Chapter 9: the backward pass, and dropout on the attention weights.
+
+def _dropout(weights: np.ndarray, p: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Zeroes each entry with probability p and scales the kept ones by 1/(1 - p): unchanged on average."""
+    if rng is None:
+        rng = np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"scaled_dot_product_attention: rng must be a np.random.Generator, got {type(rng).__name__}")
+    keep = rng.random(weights.shape) >= p  # (..., T, S) bool: True with probability 1 - p
+    return np.where(keep, weights / (1 - p), 0)  # (..., T, S); p is a Python float: float32 stays float32
+
+
+def _linear_vjp(x: np.ndarray, w: np.ndarray, d_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The backward of y = x @ w + b for x (B, L, E_in): returns (d_x, d_w, d_b)."""
+    d_x = d_y @ w.T  # (B, L, E_out) @ (E_out, E_in) -> (B, L, E_in)
+    d_w = np.einsum("bli,blj->ij", x, d_y)  # x^T d_y summed over every token: (E_in, E_out)
+    d_b = d_y.sum(axis=(0, 1))  # (B, L, E_out) -> (E_out,)
+    return d_x, d_w, d_b
+
+
+def softmax_vjp(weights, d_weights, axis: int = -1) -> np.ndarray:
+    """The gradient with respect to softmax's input, from its output a and the gradient g of its output.
+
+    J^T g with J = diag(a) - a a^T, without building J: a * (g - sum(a * g)). A row of
+    zero weights (fully masked) gets zero gradient.
+    """
+    a, g = np.asarray(weights), np.asarray(d_weights)
+    _checks.check_float("softmax_vjp", "weights", a.shape, _dtype(a))
+    _checks.check_grad("softmax_vjp", "d_weights", g.shape, _dtype(g), a.shape, "weights.shape")
+    _checks.check_axis(axis, a.ndim)
+    return a * (g - np.sum(a * g, axis=axis, keepdims=True))  # (..., S) * ((..., S) - (..., 1))
+
+
+def _unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sums a gradient over the leading axes its input was broadcast along, back to the input's shape."""
+    grad = grad.sum(axis=tuple(range(grad.ndim - len(shape))))  # axes the input did not have
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=stretched, keepdims=True)  # axes of size 1 that broadcasting stretched
+
+
+def scaled_dot_product_attention_vjp(query, key, value, d_out, mask=None):
+    """The backward pass of ``scaled_dot_product_attention(query, key, value, mask)``, derived in chapter 9.
+
+    `d_out` (..., T, Dv) is the gradient of a loss with respect to the output. Returns
+    (d_q (..., T, D), d_k (..., S, D), d_v (..., S, Dv)), each the shape of its input;
+    fully masked rows give zero gradients.
+    """
+    where = "scaled_dot_product_attention_vjp"
+    q, k, v, mask, scores_shape = _attention_inputs(where, query, key, value, mask)
+    d_o = np.asarray(d_out)
+    _checks.check_grad(where, "d_out", d_o.shape, _dtype(d_o), (*scores_shape[:-1], v.shape[-1]), "(..., T, Dv)")
+    scale = 1 / math.sqrt(q.shape[-1])  # a Python float keeps float32 float32
+    # Forward: s = q k^T * scale, masked; a = softmax(s); o = a v. The weights are recomputed, not stored.
+    a = scaled_dot_product_attention(q, k, v, mask)[1]  # (..., T, S)
+    # Backward, last step first.
+    d_v = np.swapaxes(a, -1, -2) @ d_o  # o = a v: (..., S, T) @ (..., T, Dv) -> (..., S, Dv)
+    d_a = d_o @ np.swapaxes(v, -1, -2)  # (..., T, Dv) @ (..., Dv, S) -> (..., T, S)
+    d_s = softmax_vjp(a, d_a)  # (..., T, S); zero where a is 0, so blocked keys and masked rows get nothing
+    d_q = d_s @ k * scale  # s = q k^T * scale: (..., T, S) @ (..., S, D) -> (..., T, D)
+    d_k = np.swapaxes(d_s, -1, -2) @ q * scale  # (..., S, T) @ (..., T, D) -> (..., S, D)
+    return _unbroadcast(d_q, q.shape), _unbroadcast(d_k, k.shape), _unbroadcast(d_v, v.shape)
 
 
 # The encoder block of chapter 8.

@@ -100,15 +100,20 @@ def padding_mask(lengths, s: int) -> torch.Tensor:
 
 
 def scaled_dot_product_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None, *,
+    dropout: float = 0.0, rng: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(D)) v for q (..., T, D), k (..., S, D), v (..., S, Dv).
 
     `mask` is boolean, True = may attend, broadcastable to (..., T, S).
     Returns (out (..., T, Dv), weights (..., T, S)); fully masked rows give zeros.
+    `dropout` > 0 zeroes each weight with that probability before they multiply v
+    (the kept ones scaled by 1/(1 - dropout)), drawn from `rng`, a torch.Generator
+    (None: torch's global one); the weights returned are those before dropout (chapter 9).
     """
     where = "scaled_dot_product_attention"
     q, k, v = (_tensor(where, n, x) for n, x in (("query", query), ("key", key), ("value", value)))
+    dropout = _checks.check_dropout(where, dropout)
     scores_shape = _checks.check_attention(_shape(q), _shape(k), _shape(v), _dtype(q), _dtype(k), _dtype(v))
     if mask is not None:
         _tensor(where, "mask", mask)
@@ -118,6 +123,8 @@ def scaled_dot_product_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # blocked keys: exp(-inf) = 0
     weights = _normalize(scores, -1)  # (..., T, S): each query's weights over the keys sum to 1
+    if dropout:
+        return _dropout(weights, dropout, rng) @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
 
 
@@ -154,12 +161,13 @@ class MultiHeadAttention(nn.Module):
     value to key. Returns (out (B, T, E), weights (B, H, T, S)).
     """
 
-    def __init__(self, d_model: int, num_heads: int, bias: bool = True):
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0):
         super().__init__()
         _checks.check_positive_int("d_model", d_model)
         _checks.check_positive_int("num_heads", num_heads)
         _checks.check_heads(d_model, num_heads)
         self.d_model, self.num_heads = d_model, num_heads
+        self.dropout = _checks.check_dropout("MultiHeadAttention", dropout)  # on the weights, in .train() only
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -192,7 +200,8 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(self.q_proj(query), h)  # (B, T, E) -> (B, H, T, D)
         k = split_heads(self.k_proj(key), h)  # (B, S, E) -> (B, H, S, D)
         v = split_heads(self.v_proj(value), h)  # (B, S, E) -> (B, H, S, D)
-        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, D), (B, H, T, S)
+        p = self.dropout if self.training else 0.0  # a module must switch dropout off itself in .eval()
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p)  # (B, H, T, D), (B, H, T, S)
         return self.out_proj(merge_heads(out)), weights  # (B, H, T, D) -> (B, T, E)
 
     def get_weights(self) -> Weights:
@@ -202,8 +211,8 @@ class MultiHeadAttention(nn.Module):
         return Weights(self.num_heads, *ws, *bs)
 
     @classmethod
-    def from_weights(cls, w: Weights) -> "MultiHeadAttention":
-        layer = cls(w.d_model, w.num_heads, bias=w.has_bias)
+    def from_weights(cls, w: Weights, *, dropout: float = 0.0) -> "MultiHeadAttention":
+        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout)
         with torch.no_grad():
             for proj, w_e, b_e in zip(layer._projections(), (w.w_q, w.w_k, w.w_v, w.w_o), w.biases()):
                 proj.weight.copy_(_from_numpy(w_e.T))  # nn.Linear stores (out, in): the transpose
@@ -234,6 +243,16 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}"
+
+
+# Chapter 9: dropout on the attention weights.
+
+def _dropout(weights: torch.Tensor, p: float, rng: torch.Generator | None) -> torch.Tensor:
+    """Zeroes each entry with probability p and scales the kept ones by 1/(1 - p): unchanged on average."""
+    if rng is not None and not isinstance(rng, torch.Generator):
+        raise TypeError(f"scaled_dot_product_attention: rng must be a torch.Generator, got {type(rng).__name__}")
+    noise = torch.rand(weights.shape, generator=rng, dtype=weights.dtype, device=weights.device)
+    return torch.where(noise >= p, weights / (1 - p), 0.0)  # (..., T, S): kept with probability 1 - p
 
 
 def to_builtin(w: Weights) -> nn.MultiheadAttention:
