@@ -1,4 +1,4 @@
-"""The seven multi-head attention forwards the benchmark races, all carrying one `mha.Weights`.
+"""The eight multi-head attention forwards the benchmark races, all carrying one `mha.Weights`.
 
 Each `make_*` function takes the weights and returns `forward(x)`, a function of a
 NumPy (B, T, E) float32 input that runs one self-attention forward (no mask) and
@@ -20,19 +20,31 @@ def make_numpy(w: mha.Weights):
     return lambda x: layer(x)[0]  # it also returns the (B, H, T, S) weights: it computes them either way
 
 
-def make_numpy_tiled(w: mha.Weights):
-    """The same projections as mha.numpy, with tiled_attention in the middle: no (T, S) matrix."""
+def _numpy_around(w: mha.Weights, attention):
+    """mha.numpy's projections around `attention(q, k, v)`, which returns the (B, H, T, D) heads."""
     h = w.num_heads
 
     def forward(x):
         b, t, e = x.shape
         x2 = x.reshape(b * t, e)  # (B, T, E) -> (B*T, E): one matrix product per projection
-        q, k, v = (mnp.split_heads((x2 @ w_ + b_).reshape(b, t, e), h) for w_, b_ in
-                   ((w.w_q, w.b_q), (w.w_k, w.b_k), (w.w_v, w.b_v)))  # (B, H, T, D) each
-        out = mnp.tiled_attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v))
-        return mnp.merge_heads(out) @ w.w_o + w.b_o  # (B, H, T, D) -> (B, T, E)
+        q, k, v = (mnp.split_heads((x2 @ w_ + b_).reshape(b, t, e), h)
+                   for w_, b_ in ((w.w_q, w.b_q), (w.w_k, w.b_k), (w.w_v, w.b_v)))  # (B, H, T, D)
+        return mnp.merge_heads(attention(q, k, v)) @ w.w_o + w.b_o  # (B, H, T, D) -> (B, T, E)
 
     return forward
+
+
+def make_numpy_fast(w: mha.Weights):
+    """The same projections, with chapter 13's fast_scaled_dot_product_attention in the middle.
+
+    It forms and returns the same (B, H, T, S) weights as the reference, in one array.
+    """
+    return _numpy_around(w, lambda q, k, v: mnp.fast_scaled_dot_product_attention(q, k, v)[0])
+
+
+def make_numpy_tiled(w: mha.Weights):
+    """The same projections as mha.numpy, with tiled_attention in the middle: no (T, S) matrix."""
+    return _numpy_around(w, lambda q, k, v: mnp.tiled_attention(q, k, v))
 
 
 def make_numpy_lower_bound(w: mha.Weights, exp_and_sum: bool = False):
@@ -149,6 +161,7 @@ def make_keras_builtin(w: mha.Weights):
 # name -> (maker, how the input is handed over, plot colour, plot marker, line style)
 CONTESTANTS = {
     "mha.numpy": (make_numpy, np.asarray, "tab:blue", "o", "-"),
+    "mha.numpy fast": (make_numpy_fast, np.asarray, "tab:cyan", "D", "-."),
     "mha.numpy tiled": (make_numpy_tiled, np.asarray, "tab:blue", "s", "--"),
     "mha.torch": (make_torch, _torch, "tab:red", "o", "-"),
     "torch SDPA": (make_torch_sdpa, _torch, "tab:red", "s", "--"),

@@ -1,4 +1,4 @@
-"""`make bench`: time and memory of seven attention forwards over T, then the book's speed targets.
+"""`make bench`: time and memory of eight attention forwards over T, then the book's speed targets.
 
     python benchmarks/run.py                  # the full run: T = 128 ... 8192, then the targets
     python benchmarks/run.py --lengths 128 512 --runs 3 --no-targets   # a quick look

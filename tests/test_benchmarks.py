@@ -1,4 +1,4 @@
-"""`make bench` keeps working: a one-length sweep of all seven contestants, and the lower bound's arithmetic.
+"""`make bench` keeps working: a two-length sweep of all eight contestants, and the lower bound's arithmetic.
 
 The full benchmark takes minutes and its timings cannot be compared; what can
 break silently is a contestant that no longer runs, no longer agrees with
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import pathlib
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -64,3 +65,19 @@ def test_lower_bound_allocates_nothing_once_warm():
     peak_mib, _ = measure.traced_peak_mib(lambda: forward(x))  # the benchmark's own tracemalloc measure
     scores_mib = 2 * 4 * 128 * 128 * 4 / measure.MIB
     assert peak_mib < scores_mib / 8, f"{peak_mib} MiB allocated by a warm call; the scores alone are {scores_mib}"
+
+
+@pytest.mark.parametrize(("name", "function"), [
+    ("mha.numpy fast", "fast_scaled_dot_product_attention"), ("mha.numpy tiled", "tiled_attention"),
+])
+def test_numpy_contestants_time_the_function_they_name(name, function):
+    """Each NumPy contestant calls its attention function once per forward, and the reference's never."""
+    w = mha.Weights.random(32, 4, seed=3)
+    x = np.random.default_rng(3).standard_normal((2, 16, 32)).astype(np.float32)
+    forward, xin = contestants.build(name, w, x)
+    real = getattr(mnp, function)
+    with mock.patch.object(mnp, function, side_effect=real) as named, \
+            mock.patch.object(mnp, "scaled_dot_product_attention") as reference:
+        out = forward(xin)
+    assert named.call_count == 1 and reference.call_count == 0
+    np.testing.assert_allclose(out, mnp.MultiHeadAttention.from_weights(w)(x)[0], atol=1e-5)
