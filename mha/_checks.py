@@ -172,14 +172,13 @@ def block_shapes(e: int, f: int) -> dict[str, tuple]:
     }
 
 
-def check_block_dict(d) -> tuple[int, int]:
-    """Checks a dict laid out like ``to_numpy_dict()``; returns (d_model, d_ff)."""
-    where = "EncoderBlock.from_numpy_dict"
+def check_block_dict(d, where: str = "EncoderBlock.from_numpy_dict", layout=block_shapes) -> tuple[int, int]:
+    """Checks a dict laid out like ``to_numpy_dict()`` (keys and shapes from `layout`); returns (d_model, d_ff)."""
     if not isinstance(d, dict):
         raise TypeError(f"{where}: d must be a dict of NumPy arrays, got {type(d).__name__}")
     if np.ndim(d.get("w_1")) != 2:
         raise ValueError(f"{where}: d needs 'w_1' of shape (E, d_ff), got {np.shape(d.get('w_1'))}")
-    expected = block_shapes(*np.shape(d["w_1"]))
+    expected = layout(*np.shape(d["w_1"]))
     if set(d) != set(expected):
         raise ValueError(
             f"{where}: missing keys {sorted(set(expected) - set(d))}, unexpected keys {sorted(set(d) - set(expected))}"
@@ -266,20 +265,7 @@ def decoder_shapes(e: int, f: int) -> dict[str, tuple]:
 
 def check_decoder_dict(d) -> tuple[int, int]:
     """Checks a dict laid out like ``DecoderBlock.to_numpy_dict()``; returns (d_model, d_ff)."""
-    where = "DecoderBlock.from_numpy_dict"
-    if not isinstance(d, dict):
-        raise TypeError(f"{where}: d must be a dict of NumPy arrays, got {type(d).__name__}")
-    if np.ndim(d.get("w_1")) != 2:
-        raise ValueError(f"{where}: d needs 'w_1' of shape (E, d_ff), got {np.shape(d.get('w_1'))}")
-    expected = decoder_shapes(*np.shape(d["w_1"]))
-    if set(d) != set(expected):
-        raise ValueError(
-            f"{where}: missing keys {sorted(set(expected) - set(d))}, unexpected keys {sorted(set(d) - set(expected))}"
-        )
-    for name, shape in expected.items():
-        if np.shape(d[name]) != shape:
-            raise ValueError(f"{where}: {name} must have shape {shape} (from w_1), got {np.shape(d[name])}")
-    return np.shape(d["w_1"])
+    return check_block_dict(d, "DecoderBlock.from_numpy_dict", decoder_shapes)
 
 
 def check_cache_type(is_cache: bool, cache) -> None:
