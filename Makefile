@@ -13,7 +13,7 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 export KERAS_BACKEND := tensorflow
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test book notebooks bench clean
+.PHONY: venv test check book notebooks bench clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-## test: every test: the package, the notebook checks, nbval on every chapter, the book build
+## test: every test: the package, the notebook checks, nbval on every chapter, the book build,
+## spread over the machine's cores a file at a time (each notebook keeps one kernel)
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
+
+## check: one chapter alone (nbval on it) and the static notebook checks, e.g.
+##   make check NB=chapters/05_mha_torch.ipynb
+check: venv
+	@test -n "$(NB)" || { echo "usage: make check NB=chapters/NN_name.ipynb"; exit 2; }
+	$(PY) -m pytest $(NB) tests/test_notebooks.py
 
 ## book: builds the site into _build/html exactly from the outputs stored in the notebooks
 book: venv

@@ -12,21 +12,18 @@ settings.register_profile("book", derandomize=True, database=None, print_blob=Tr
 settings.load_profile("book")
 
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def built_site():
-    """Builds the site once per run, as `make book` does, with warnings as errors.
-
-    Returns (path to _build/html, the build's log lines with WARNING or ERROR).
-    """
+def _build_site() -> list[str]:
     jb = pathlib.Path(sys.executable).with_name("jupyter-book")
     result = subprocess.run(
         [str(jb), "build", str(ROOT), "-W", "-n", "--keep-going"],
@@ -36,4 +33,27 @@ def built_site():
     problems = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
     if result.returncode != 0 and not problems:
         problems = [log[-3000:]]
-    return ROOT / "_build" / "html", problems
+    return problems
+
+
+@pytest.fixture(scope="session")
+def built_site():
+    """Builds the site once per run, as `make book` does, with warnings as errors.
+
+    Returns (path to _build/html, the build's log lines with WARNING or ERROR).
+    Under pytest-xdist (`make test`) the first worker that needs the site builds it
+    while holding a lock; the others wait, then read its result, so that two
+    builds never write into _build/ at once.
+    """
+    html = ROOT / "_build" / "html"
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return html, _build_site()
+    (ROOT / "_build").mkdir(exist_ok=True)
+    stamp = ROOT / "_build" / f".built-{run}.json"
+    with FileLock(str(ROOT / "_build" / ".build.lock")):
+        if not stamp.exists():
+            for old in (ROOT / "_build").glob(".built-*.json"):
+                old.unlink()
+            stamp.write_text(json.dumps(_build_site()))
+        return html, json.loads(stamp.read_text())
