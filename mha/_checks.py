@@ -29,6 +29,17 @@ def check_heads(d_model: int, num_heads: int) -> None:
         )
 
 
+def check_positions(t, d_model) -> None:
+    """sinusoidal_positions(t, d_model): positive sizes, and an even width for the (sin, cos) pairs."""
+    check_positive_int("t", t)
+    check_positive_int("d_model", d_model)
+    if d_model % 2:
+        raise ValueError(
+            f"sinusoidal_positions: d_model must be even, got d_model={d_model}: the features "
+            f"come in (sin, cos) pairs, one pair per frequency"
+        )
+
+
 def check_float(where: str, name: str, shape: tuple, dtype: str) -> None:
     if dtype not in FLOATS:
         raise TypeError(f"{where}: {name} must be a float tensor, got dtype {dtype} with shape {shape}")

@@ -23,6 +23,7 @@ __all__ = [
     "masked_softmax",
     "causal_mask",
     "padding_mask",
+    "sinusoidal_positions",
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
@@ -111,6 +112,19 @@ def padding_mask(lengths, s: int):
     _checks.check_lengths(_shape(lengths), ops.convert_to_numpy(lengths).tolist(), s)
     keep = ops.arange(s, dtype=_dtype(lengths))[None, :] < lengths[:, None]  # (1, S) < (B, 1) -> (B, S)
     return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
+
+
+def sinusoidal_positions(t: int, d_model: int):
+    """(T, E) float32: the position encoding of Vaswani et al., added to the token embeddings (chapter 10).
+
+    PE[p, 2i] = sin(p / 10000^(2i/E)) and PE[p, 2i+1] = cos(p / 10000^(2i/E)).
+    """
+    _checks.check_positions(t, d_model)
+    position = ops.arange(t, dtype="float64")[:, None]  # (T, 1); float64: a float32 angle is off by ~p * 6e-8
+    freq = ops.power(10000.0, -ops.arange(0, d_model, 2, dtype="float64") / d_model)  # (E/2,)
+    angle = position * freq  # (T, 1) * (E/2,) -> (T, E/2)
+    pe = ops.stack([ops.sin(angle), ops.cos(angle)], axis=-1)  # (T, E/2, 2)
+    return ops.cast(ops.reshape(pe, (t, d_model)), "float32")  # (T, E/2, 2) -> (T, E): sin even, cos odd
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, dropout=0.0, rng=None):

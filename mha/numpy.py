@@ -18,6 +18,7 @@ __all__ = [
     "masked_softmax",
     "causal_mask",
     "padding_mask",
+    "sinusoidal_positions",
     "scaled_dot_product_attention",
     "softmax_vjp",
     "scaled_dot_product_attention_vjp",
@@ -85,6 +86,20 @@ def padding_mask(lengths, s: int) -> np.ndarray:
     _checks.check_lengths(lengths.shape, lengths.tolist(), s)
     keep = np.arange(s)[None, :] < lengths[:, None]  # (1, S) < (B, 1) -> (B, S)
     return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
+
+
+def sinusoidal_positions(t: int, d_model: int) -> np.ndarray:
+    """(T, E) float32: the position encoding of Vaswani et al., added to the token embeddings (chapter 10).
+
+    PE[p, 2i] = sin(p / 10000^(2i/E)) and PE[p, 2i+1] = cos(p / 10000^(2i/E)): feature pair i
+    turns at its own frequency, from 1 radian per position (i = 0) down to 1/10000.
+    """
+    _checks.check_positions(t, d_model)
+    position = np.arange(t, dtype=np.float64)[:, None]  # (T, 1); float64: a float32 angle is off by ~p * 6e-8
+    freq = 10000.0 ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)  # (E/2,)
+    angle = position * freq  # (T, 1) * (E/2,) -> (T, E/2)
+    pe = np.stack([np.sin(angle), np.cos(angle)], axis=-1)  # (T, E/2, 2): sin and cos side by side
+    return pe.reshape(t, d_model).astype(np.float32)  # (T, E/2, 2) -> (T, E): sin even, cos odd
 
 
 def _attention_inputs(where: str, query, key, value, mask):

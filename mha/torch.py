@@ -21,6 +21,7 @@ __all__ = [
     "masked_softmax",
     "causal_mask",
     "padding_mask",
+    "sinusoidal_positions",
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
@@ -97,6 +98,19 @@ def padding_mask(lengths, s: int) -> torch.Tensor:
     _checks.check_lengths(_shape(lengths), lengths.tolist(), s)
     keep = torch.arange(s, device=lengths.device)[None, :] < lengths[:, None]  # (1, S) < (B, 1) -> (B, S)
     return keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S): broadcasts over heads and queries
+
+
+def sinusoidal_positions(t: int, d_model: int) -> torch.Tensor:
+    """(T, E) float32: the position encoding of Vaswani et al., added to the token embeddings (chapter 10).
+
+    PE[p, 2i] = sin(p / 10000^(2i/E)) and PE[p, 2i+1] = cos(p / 10000^(2i/E)).
+    """
+    _checks.check_positions(t, d_model)
+    position = torch.arange(t, dtype=torch.float64)[:, None]  # (T, 1); float64: a float32 angle is off by ~p * 6e-8
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (E/2,)
+    angle = position * freq  # (T, 1) * (E/2,) -> (T, E/2)
+    pe = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)  # (T, E/2, 2)
+    return pe.reshape(t, d_model).float()  # (T, E/2, 2) -> (T, E): sin even, cos odd
 
 
 def scaled_dot_product_attention(
