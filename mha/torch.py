@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mha import Weights, _checks
+from mha import numpy as _reference
 
 __all__ = [
     "softmax",
@@ -103,14 +104,10 @@ def padding_mask(lengths, s: int) -> torch.Tensor:
 def sinusoidal_positions(t: int, d_model: int) -> torch.Tensor:
     """(T, E) float32: the position encoding of Vaswani et al., added to the token embeddings (chapter 10).
 
-    PE[p, 2i] = sin(p / 10000^(2i/E)) and PE[p, 2i+1] = cos(p / 10000^(2i/E)).
+    The table is `mha.numpy.sinusoidal_positions`'s, as a tensor: a constant, one formula for the
+    three backends.
     """
-    _checks.check_positions(t, d_model)
-    position = torch.arange(t, dtype=torch.float64)[:, None]  # (T, 1); float64: a float32 angle is off by ~p * 6e-8
-    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (E/2,)
-    angle = position * freq  # (T, 1) * (E/2,) -> (T, E/2)
-    pe = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)  # (T, E/2, 2)
-    return pe.reshape(t, d_model).float()  # (T, E/2, 2) -> (T, E): sin even, cos odd
+    return torch.from_numpy(_reference.sinusoidal_positions(t, d_model))
 
 
 def scaled_dot_product_attention(
