@@ -13,7 +13,7 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 export KERAS_BACKEND := tensorflow
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test check book notebooks bench clean
+.PHONY: venv test check book screenshots notebooks bench clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 ## test: every test: the package, the notebook checks, nbval on every chapter, the book build,
 ## spread over the machine's cores a file at a time (each notebook keeps one kernel)
 test: venv
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadgroup
 
 ## check: one chapter alone (nbval on it) and the static notebook checks, e.g.
 ##   make check NB=chapters/05_mha_torch.ipynb
@@ -36,6 +36,11 @@ check: venv
 ## book: builds the site into _build/html exactly from the outputs stored in the notebooks
 book: venv
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+## screenshots: builds the site, then saves every chapter, whole, at both widths, light and dark,
+## to _build/screenshots/full/ (needs Chromium, as the browser test does)
+screenshots: book
+	$(PY) tools/screenshots.py
 
 ## notebooks: re-executes every chapter top to bottom in a fresh kernel and stores the outputs
 notebooks: venv

@@ -57,3 +57,25 @@ def built_site():
                 old.unlink()
             stamp.write_text(json.dumps(_build_site()))
         return html, json.loads(stamp.read_text())
+
+
+# The files that take longest go first, so that the last file to finish is not a long one started
+# late; each backend of the Keras-backends test is a group of its own (two subprocesses, on two
+# workers). Every other test stays with the rest of its file: a notebook keeps one kernel.
+LONGEST_FIRST = ["test_site.py", "test_keras_backends.py", "13_fast_attention.ipynb", "test_colab.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        callspec = getattr(item, "callspec", None)
+        if item.path.name == "test_keras_backends.py" and callspec is not None:
+            return f"{item.path.name}[{callspec.params['backend']}]"
+        return item.path.name
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))

@@ -40,26 +40,49 @@ def site_without_mha(view: pathlib.Path) -> pathlib.Path:
     return view
 
 
-@pytest.fixture
-def colab_like(tmp_path, monkeypatch):
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # a checkout on PYTHONPATH would make `mha` importable
+@pytest.fixture(scope="module")
+def colab_like(tmp_path_factory):
+    """One fresh venv for the module: the failing install runs first and leaves it without `mha`."""
+    tmp_path = tmp_path_factory.mktemp("colab")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on it would make `mha` importable
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     ).stdout.strip()
     # Like Colab's preinstalled packages: importable, but not part of this venv's own install.
     pathlib.Path(purelib, "book_dependencies.pth").write_text(str(site_without_mha(tmp_path / "deps")) + "\n")
-    probe = subprocess.run([str(python), "-c", "import numpy, torch, keras, mha"], capture_output=True, text=True, cwd=tmp_path)
-    assert "No module named 'mha'" in probe.stderr, probe.stderr
+    probe = subprocess.run(  # found without importing them (torch and keras take seconds to import)
+        [str(python), "-c", "import importlib.util as u; print([bool(u.find_spec(m)) for m in "
+         "('numpy', 'torch', 'keras', 'nbformat', 'mha')])"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+    assert probe.stdout.strip() == "[True, True, True, True, False]", probe.stdout + probe.stderr
     kernels = tmp_path / "jupyter" / "kernels" / "python3"
     kernels.mkdir(parents=True)
     spec = {"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python 3 (no mha)", "language": "python"}
     (kernels / "kernel.json").write_text(json.dumps(spec))
     return tmp_path, python, purelib
+
+
+def test_failed_install_raises_one_clear_error(colab_like, monkeypatch):
+    tmp, python, purelib = colab_like
+    missing = tmp / "no-such-checkout"
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+    monkeypatch.setenv("MHA_SOURCE", str(missing))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(nbtool.setup_source())])
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp)}})
+    with pytest.raises(CellExecutionError):
+        client.execute()
+    errors = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "RuntimeError", nb.cells[0].outputs
+    message = errors[0].evalue
+    assert str(missing) in message and "MHA_SOURCE" in message, message
+    assert "ModuleNotFoundError" not in "".join(errors[0].traceback), "the ImportError is not chained in"
 
 
 def test_chapter_installs_mha_and_runs_through(colab_like, monkeypatch):
@@ -78,23 +101,6 @@ def test_chapter_installs_mha_and_runs_through(colab_like, monkeypatch):
     assert where.startswith(purelib), f"mha came from {where}, not from the setup cell's install"
     installed = subprocess.run([str(python), "-m", "pip", "show", "mha"], capture_output=True, text=True, env={**os.environ})
     assert "Name: mha" in installed.stdout
-
-
-def test_failed_install_raises_one_clear_error(colab_like, monkeypatch):
-    tmp, python, purelib = colab_like
-    missing = tmp / "no-such-checkout"
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
-    monkeypatch.setenv("MHA_SOURCE", str(missing))
-    monkeypatch.delenv("PYTHONPATH", raising=False)
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(nbtool.setup_source())])
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp)}})
-    with pytest.raises(CellExecutionError):
-        client.execute()
-    errors = [o for o in nb.cells[0].outputs if o.output_type == "error"]
-    assert len(errors) == 1 and errors[0].ename == "RuntimeError", nb.cells[0].outputs
-    message = errors[0].evalue
-    assert str(missing) in message and "MHA_SOURCE" in message, message
-    assert "ModuleNotFoundError" not in "".join(errors[0].traceback), "the ImportError is not chained in"
 
 
 def test_setup_cell_turns_tf32_off_before_tensorflow_loads():
