@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from backends import BACKENDS
 
-OURS = ["numpy"]
+OURS = ["numpy", "torch"]
 
 
 def positions_for(backend, positions: np.ndarray):
@@ -191,8 +191,21 @@ def test_three_backends_equal():
     x = rng.standard_normal((2, 4, 33, 64)).astype(np.float32)
     positions = rng.integers(0, 8192, 33)
     ref = run("numpy", x, positions)
+    exact = complex_formula(x[:1, :1], positions)
+    print(f"numpy vs formula: {np.abs(ref[:1, :1] - exact).max():.1e}")
     for backend in OURS[1:]:
-        np.testing.assert_allclose(run(backend, x, positions), ref, rtol=0, atol=1e-6)
+        y = run(backend, x, positions)
+        print(f"{backend} vs numpy: {np.abs(y - ref).max():.1e}")
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)
+
+
+def test_torch_positions_must_be_a_tensor():
+    import torch
+
+    import mha.torch
+
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor, got ndarray"):
+        mha.torch.rope(torch.zeros(3, 4), np.arange(3))
 
 
 f32 = lambda *shape: np.zeros(shape, np.float32)

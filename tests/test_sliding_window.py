@@ -19,7 +19,7 @@ import mha
 import mha.numpy as ref
 from backends import BACKENDS
 
-OURS = ["numpy"]
+OURS = ["numpy", "torch"]
 
 
 def mask(backend: str, t: int, window: int, s: int | None = None) -> np.ndarray:
