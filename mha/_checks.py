@@ -326,3 +326,41 @@ def check_repeat_kv(shape: tuple, n_rep) -> None:
         check_positive_int("n_rep", n_rep)
     except (TypeError, ValueError) as error:
         raise type(error)(f"repeat_kv: {error}") from None
+
+
+# Chapter 12: rotary position embeddings and sliding-window masks.
+
+def check_rope(x_shape: tuple, x_dtype: str, pos_shape: tuple | None, pos_dtype: str | None, base) -> None:
+    """rope(x, positions, base): x (..., T, D) float with D even, positions (T,) integers, base > 0."""
+    check_float("rope", "x", x_shape, x_dtype)
+    if len(x_shape) < 2:
+        raise ValueError(f"rope: x must have rank >= 2 (..., T, D), got shape {x_shape}")
+    if x_shape[-1] is not None and x_shape[-1] % 2:
+        raise ValueError(
+            f"rope: the head size D (last axis of x) must be even, got x of shape {x_shape}: "
+            f"feature i turns together with feature i + D/2"
+        )
+    if pos_shape is not None:
+        if pos_dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+            raise TypeError(f"rope: positions must be integers, got dtype {pos_dtype} with shape {pos_shape}")
+        if len(pos_shape) != 1 or not same(pos_shape[0], x_shape[-2]):
+            raise ValueError(
+                f"rope: positions must have shape (T,) = ({x_shape[-2]},), one per token of x {x_shape}, "
+                f"got shape {pos_shape}"
+            )
+    if isinstance(base, bool) or not isinstance(base, numbers.Real):
+        raise TypeError(f"rope: base must be a float, got {type(base).__name__} {base!r}")
+    if not base > 0:  # also False for NaN
+        raise ValueError(f"rope: base must be positive, got base={base}")
+
+
+def check_window(t, window, s) -> None:
+    """sliding_window_mask(t, window, s): positive ints, and S >= T (the queries are the last T positions)."""
+    check_positive_int("t", t)
+    check_positive_int("window", window)
+    check_positive_int("s", s)
+    if s < t:
+        raise ValueError(
+            f"sliding_window_mask: s must be >= t (the T queries are the last T of the S positions), "
+            f"got t={t}, s={s}"
+        )

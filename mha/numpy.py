@@ -19,6 +19,8 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "sinusoidal_positions",
+    "rope",
+    "sliding_window_mask",
     "scaled_dot_product_attention",
     "softmax_vjp",
     "scaled_dot_product_attention_vjp",
@@ -101,6 +103,47 @@ def sinusoidal_positions(t: int, d_model: int) -> np.ndarray:
     angle = position * freq  # (T, 1) * (E/2,) -> (T, E/2)
     pe = np.stack([np.sin(angle), np.cos(angle)], axis=-1)  # (T, E/2, 2): sin and cos side by side
     return pe.reshape(t, d_model).astype(np.float32)  # (T, E/2, 2) -> (T, E): sin even, cos odd
+
+
+def rope(x, positions=None, base: float = 10000.0) -> np.ndarray:
+    """Rotary position embedding of x (..., T, D), D even, in the half-split layout (chapter 12).
+
+    Feature i and feature i + D/2 form pair i, turned by the angle p * base^(-2i/D) at
+    position p: (x_i, x_{i+D/2}) -> (x_i cos - x_{i+D/2} sin, x_i sin + x_{i+D/2} cos), as
+    Hugging Face's ``rotate_half`` and KerasHub's ``RotaryEmbedding``. `positions` is an integer
+    array of shape (T,), 0..T-1 by default. The dtype of x is kept.
+    """
+    x = np.asarray(x)
+    pos = None if positions is None else np.asarray(positions)
+    pos_shape, pos_dtype = (None, None) if pos is None else (pos.shape, _dtype(pos))
+    _checks.check_rope(x.shape, _dtype(x), pos_shape, pos_dtype, base)
+    t, d = x.shape[-2:]
+    angle = _rope_angles(np.arange(t) if pos is None else pos, d, base)  # (T, D/2)
+    cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)  # (T, D/2), in x's dtype
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]  # (..., T, D/2) each: the two halves of every pair
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (..., T, D)
+
+
+def _rope_angles(positions: np.ndarray, d: int, base: float) -> np.ndarray:
+    """(T, D/2) float64: the angle p * base^(-2i/D) of pair i at position p (also mha.keras's table).
+
+    float64, as in sinusoidal_positions: a float32 angle is off by up to p * 6e-8 radians.
+    """
+    freq = float(base) ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,): base^(-2i/D)
+    return positions.astype(np.float64)[:, None] * freq  # (T, 1) * (D/2,) -> (T, D/2)
+
+
+def sliding_window_mask(t: int, window: int, s: int | None = None) -> np.ndarray:
+    """Bool (T, S), S >= T: query i may attend the `window` most recent keys up to its own position.
+
+    Bottom-right aligned, as ``causal_mask(t, s, align="bottom-right")``: query i sits at position
+    i + (S - T), and key j is allowed when i + (S - T) - window < j <= i + (S - T) (chapter 12).
+    """
+    s = t if s is None else s
+    _checks.check_window(t, window, s)
+    position = np.arange(t)[:, None] + (s - t)  # (T, 1): where each query sits among the keys
+    key = np.arange(s)[None, :]  # (1, S)
+    return (key <= position) & (key > position - window)  # (1, S) vs (T, 1) -> (T, S)
 
 
 def _attention_inputs(where: str, query, key, value, mask):

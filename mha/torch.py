@@ -23,6 +23,8 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "sinusoidal_positions",
+    "rope",
+    "sliding_window_mask",
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
@@ -109,6 +111,38 @@ def sinusoidal_positions(t: int, d_model: int) -> torch.Tensor:
     three backends.
     """
     return torch.from_numpy(_reference.sinusoidal_positions(t, d_model))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of x (..., T, D), D even, in the half-split layout (chapter 12).
+
+    Pair i is (x_i, x_{i+D/2}), turned by the angle p * base^(-2i/D) at position p, as
+    Hugging Face's ``rotate_half``. `positions`: an integer tensor (T,), 0..T-1 by default.
+    """
+    _tensor("rope", "x", x)
+    if positions is not None:
+        _tensor("rope", "positions", positions)
+    pos_shape, pos_dtype = (None, None) if positions is None else (_shape(positions), _dtype(positions))
+    _checks.check_rope(_shape(x), _dtype(x), pos_shape, pos_dtype, base)
+    t, d = x.shape[-2:]
+    pos = torch.arange(t, device=x.device) if positions is None else positions.to(x.device)
+    freq = float(base) ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # (D/2,)
+    angle = pos.to(torch.float64)[:, None] * freq  # (T, 1) * (D/2,) -> (T, D/2); float64, as in NumPy
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)  # (T, D/2), in x's dtype
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]  # (..., T, D/2) each: the two halves of every pair
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., T, D)
+
+
+def sliding_window_mask(t: int, window: int, s: int | None = None) -> torch.Tensor:
+    """Bool (T, S), S >= T: query i may attend the `window` most recent keys up to its own position.
+
+    Bottom-right aligned: key j is allowed when i + (S - T) - window < j <= i + (S - T).
+    """
+    s = t if s is None else s
+    _checks.check_window(t, window, s)
+    position = torch.arange(t)[:, None] + (s - t)  # (T, 1): where each query sits among the keys
+    key = torch.arange(s)[None, :]  # (1, S)
+    return (key <= position) & (key > position - window)  # (1, S) vs (T, 1) -> (T, S)
 
 
 def scaled_dot_product_attention(
