@@ -59,23 +59,17 @@ def built_site():
         return html, json.loads(stamp.read_text())
 
 
-# The files that take longest go first, so that the last file to finish is not a long one started
-# late; each backend of the Keras-backends test is a group of its own (two subprocesses, on two
-# workers). Every other test stays with the rest of its file: a notebook keeps one kernel.
-LONGEST_FIRST = ["test_site.py", "test_keras_backends.py", "13_fast_attention.ipynb", "test_colab.py"]
+
+# The files that take longest go first (make test hands whole files to the workers, in collection
+# order), so that the last file to finish is not a long one started late. Each file's tests keep
+# their order. (Not --dist loadgroup: under pytest 9.2 it no longer groups, pytest-xdist #1386.)
+LONGEST_FIRST = ["test_site.py", "test_keras_backends.py", "test_keras_backends_torch.py",
+                 "13_fast_attention.ipynb", "test_colab.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        callspec = getattr(item, "callspec", None)
-        if item.path.name == "test_keras_backends.py" and callspec is not None:
-            return f"{item.path.name}[{callspec.params['backend']}]"
-        return item.path.name
-
     def rank(item) -> int:
         name = item.path.name
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    items.sort(key=rank)  # stable: each file's tests keep their order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # stable

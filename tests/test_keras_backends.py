@@ -6,7 +6,8 @@ the tests whose names say keras (our layer and functions against keras.layers.Mu
 the NumPy reference, the error table, the position table, RoPE and the sliding window with
 Keras's own sliding_window) plus the parametrized all-implementations table, which
 includes keras.layers.MultiHeadAttention on that backend. The hypothesis property tests stay on
-TensorFlow only, to keep `make test` short.
+TensorFlow only, to keep `make test` short. The torch run is its own file,
+tests/test_keras_backends_torch.py, so that `make test` (a file per worker) runs the two at once.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FILES = ["tests/test_agreement.py", "tests/test_numerics.py", "tests/test_errors.py", "tests/test_positions.py",
          "tests/test_gqa.py", "tests/test_rope.py", "tests/test_sliding_window.py"]
 SELECT = "keras or largest_differences or all_implementations_agree"
 # JAX compiles each new shape on its first eager call (about 0.5 s a case here): of the
-# all-implementations table it runs the four-head half, which keeps every mask and T/S case.
-SELECT_FOR = {"jax": "keras or largest_differences or (all_implementations_agree and -4-)"}
+# all-implementations table it runs the four-head half, and of the two grouped-query tables
+# the half with biases; both keep every mask, T/S and num_kv_heads case.
+SELECT_FOR = {"jax": "(keras or largest_differences or (all_implementations_agree and -4-))"
+                     " and not (test_gqa and no_bias)"}
 
 # Each backend's own environment, and the warnings Keras itself triggers there (not our code):
 EXTRA = {
@@ -43,8 +45,12 @@ EXTRA = {
 }
 
 
-@pytest.mark.parametrize("backend", list(EXTRA))
-def test_keras_tests_pass_on_backend(backend):
+def test_keras_tests_pass_on_jax():
+    run_on_backend("jax")
+
+
+def run_on_backend(backend: str) -> None:
+    """Runs FILES' Keras tests in a pytest subprocess with KERAS_BACKEND=backend; fails with its log."""
     env_extra, filters = EXTRA[backend]
     env = {**os.environ, "KERAS_BACKEND": backend, **env_extra}
     cmd = [sys.executable, "-m", "pytest", *FILES, "-k", SELECT_FOR.get(backend, SELECT), "-q", "-p", "no:nbval",
