@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,6 +33,7 @@ __all__ = [
     "DecoderBlock",
     "fast_scaled_dot_product_attention",
     "tiled_attention",
+    "threaded_attention",
 ]
 
 
@@ -582,6 +585,35 @@ def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.n
         rows = slice(i, i + block_size)
         tile_mask = None if mask is None else mask[..., rows, :]
         out[..., rows, :] = _attend_query_tile(q[..., rows, :], k, v, tile_mask, block_size)
+    return out
+
+
+def threaded_attention(query, key, value, mask=None, block_size: int = 256, workers: int | None = None
+                       ) -> np.ndarray:
+    """tiled_attention's contract and result, with the query tiles of every head shared among threads.
+
+    NumPy releases the GIL inside its matrix products and element-wise loops, so
+    `workers` threads (default: one per core) each run whole tiles, one head's
+    (block_size, D) queries against all its keys, and every core does exps, not
+    only the one a single NumPy call uses (chapter 13). Tiles write disjoint rows of `out`.
+    """
+    q, k, v, mask, scores_shape = _attention_inputs("threaded_attention", query, key, value, mask)
+    _checks.check_positive_int("block_size", block_size)
+    *batch, t, s = scores_shape
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
+    if mask is not None:
+        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
+    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+
+    def attend(tile):
+        head, rows = tile  # one (Tb, D) tile of queries of one head, against all S keys of that head
+        tile_mask = None if mask is None else mask[head][rows]
+        out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, block_size)
+
+    tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(attend, tiles))  # list(): re-raises any error of a tile here
     return out
 
 
