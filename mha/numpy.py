@@ -588,17 +588,20 @@ def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.n
     return out
 
 
-def threaded_attention(query, key, value, mask=None, block_size: int = 256, workers: int | None = None
-                       ) -> np.ndarray:
-    """tiled_attention's contract and result, with the query tiles of every head shared among threads.
+def threaded_attention(query, key, value, mask=None, block_size: int = 128, key_block_size: int = 1024,
+                       workers: int | None = None) -> np.ndarray:
+    """tiled_attention's contract and result, its query tiles shared among threads (chapter 13).
 
     NumPy releases the GIL inside its matrix products and element-wise loops, so
-    `workers` threads (default: one per core) each run whole tiles, one head's
-    (block_size, D) queries against all its keys, and every core does exps, not
-    only the one a single NumPy call uses (chapter 13). Tiles write disjoint rows of `out`.
+    `workers` threads (default: one per core) each run whole tiles: one head's
+    `block_size` queries against all its keys, `key_block_size` keys at a time, with
+    the online softmax of `_attend_query_tile`. Every core does exps, not only the one
+    a single NumPy call uses, and a (128, 1024) float32 block of scores (512 KiB) stays
+    in a core's cache. Tiles write disjoint rows of `out`: no locks.
     """
     q, k, v, mask, scores_shape = _attention_inputs("threaded_attention", query, key, value, mask)
     _checks.check_positive_int("block_size", block_size)
+    _checks.check_positive_int("key_block_size", key_block_size)
     *batch, t, s = scores_shape
     q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
     q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
@@ -607,13 +610,13 @@ def threaded_attention(query, key, value, mask=None, block_size: int = 256, work
     out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
 
     def attend(tile):
-        head, rows = tile  # one (Tb, D) tile of queries of one head, against all S keys of that head
+        head, rows = tile  # one head's (Tb, D) queries, against all of that head's S keys
         tile_mask = None if mask is None else mask[head][rows]
-        out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, block_size)
+        out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, key_block_size)
 
     tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        list(pool.map(attend, tiles))  # list(): re-raises any error of a tile here
+        list(pool.map(attend, tiles))  # list(): re-raises here any error raised in a tile
     return out
 
 
