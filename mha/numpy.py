@@ -588,7 +588,7 @@ def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.n
     return out
 
 
-def threaded_attention(query, key, value, mask=None, block_size: int = 128, key_block_size: int = 1024,
+def threaded_attention(query, key, value, mask=None, block_size: int = 512, key_block_size: int = 512,
                        workers: int | None = None) -> np.ndarray:
     """tiled_attention's contract and result, its query tiles shared among threads (chapter 13).
 
@@ -596,8 +596,9 @@ def threaded_attention(query, key, value, mask=None, block_size: int = 128, key_
     `workers` threads (default: one per core) each run whole tiles: one head's
     `block_size` queries against all its keys, `key_block_size` keys at a time, with
     the online softmax of `_attend_query_tile`. Every core does exps, not only the one
-    a single NumPy call uses, and a (128, 1024) float32 block of scores (512 KiB) stays
-    in a core's cache. Tiles write disjoint rows of `out`: no locks.
+    a single NumPy call uses; a (512, 512) float32 block of scores is 1 MiB, about one
+    core's cache, and large enough that the Python loop costs little. Tiles write
+    disjoint rows of `out`: no locks.
     """
     q, k, v, mask, scores_shape = _attention_inputs("threaded_attention", query, key, value, mask)
     _checks.check_positive_int("block_size", block_size)
