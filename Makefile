@@ -46,8 +46,10 @@ screenshots: book
 notebooks: venv
 	$(PY) tools/notebooks.py $(or $(NB),chapters/*.ipynb)
 
-## bench: times seven attention implementations over T = 128 ... 8192 in one process, then the speed
-## targets; writes benchmarks/results/ (a CSV each, and time.png, memory.png). Takes a few minutes.
+## bench: the like-for-like table: each of our layers (and chapter 13's threaded NumPy attention) beside
+## the library implementation that does the same work, time (one process, interleaved, median of 7) and
+## peak memory (a fresh process each); writes benchmarks/results/like_for_like.{csv,md}. About 5 min.
+## `$(PY) benchmarks/run.py --sweep` adds the sweep over T = 128 ... 8192 (attention.csv, time.png, memory.png).
 bench: venv
 	$(PY) benchmarks/run.py
 

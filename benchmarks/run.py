@@ -1,19 +1,19 @@
-"""`make bench`: time and memory of eight attention forwards over T, then the book's speed targets.
+"""`make bench`: the like-for-like table (pairs.py, table.py), and on request the sweep over T.
 
-    python benchmarks/run.py                  # the full run: T = 128 ... 8192, then the targets
-    python benchmarks/run.py --lengths 128 512 --runs 3 --no-targets   # a quick look
+    python benchmarks/run.py                  # the table: every row of the book's speed targets (~5 min)
+    python benchmarks/run.py --rounds 3       # the same, quicker and noisier
+    python benchmarks/run.py --no-table --sweep --lengths 128 512 --runs 3   # the sweep alone, a quick look
 
-Everything runs in this one process. At each T every implementation runs once
-untimed (it warms up, has its peak memory measured, and its output checked
-against mha.numpy), then the timed runs interleave: round r runs each
-implementation once, in an order rotated every round, so a burst of load from
-elsewhere on the machine hits them all alike. The median of the rounds is kept.
-Each timed call starts after a quarter-second pause (see measure.PAUSE_S): without
-it, a PyTorch call made right after a NumPy one shares the two cores with OpenBLAS's
-still-spinning idle threads, and the other way round. Up to T = 2048 an untimed call
-of the same implementation comes between the pause and the timed call, so the timed
-one finds its own threads awake, as in a loop of calls.
-Writes results/attention.csv, results/targets.csv, results/time.png, results/memory.png.
+The table pairs each of our implementations with the library one that does the
+same work (table.py says how time and memory are measured) and writes
+results/like_for_like.csv and like_for_like.md. The sweep (`--sweep`) times the
+eight contestants of contestants.py over T in this one process: at each T every
+implementation runs once untimed (it warms up, has its peak memory measured, and
+its output checked against mha.numpy), then the timed runs interleave, in an
+order rotated every round, each after a quarter-second pause (measure.PAUSE_S:
+without it, a PyTorch call made right after a NumPy one shares the two cores with
+OpenBLAS's still-spinning idle threads). It writes results/attention.csv,
+results/time.png and results/memory.png.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's mha, not another one installed in the environment
+
 import numpy as np  # noqa: E402
 
 import mha  # noqa: E402
-from contestants import CONTESTANTS, build, make_numpy_lower_bound  # noqa: E402
-from measure import PAUSE_S, load_average, peak_rss_mib, seconds, traced_peak_mib  # noqa: E402
+from contestants import CONTESTANTS, build  # noqa: E402
+from measure import load_average, peak_rss_mib, seconds  # noqa: E402
 
-HERE = pathlib.Path(__file__).resolve().parent
 B, H, D = 1, 8, 64
 E = H * D
 
@@ -76,84 +79,6 @@ def sweep_one_length(t: int, runs: int, names: list[str], w: mha.Weights) -> lis
     ]
 
 
-def interleaved_medians(fns: dict, runs: int, pause: float = PAUSE_S, warm: bool = True) -> dict[str, float]:
-    """Median seconds of each function over `runs` interleaved rounds, after one untimed call each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn, pause, warm))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def gemm_gflops(n: int = 2048, runs: int = 7) -> float:
-    """The machine's float32 matrix-product throughput: one large np.matmul, median of `runs`."""
-    a, b = (np.random.default_rng(i).standard_normal((n, n)).astype(np.float32) for i in (0, 1))
-    return 2 * n**3 / interleaved_medians({"gemm": lambda: a @ b}, runs, pause=0)["gemm"] / 1e9
-
-
-def target_rows() -> list[dict]:
-    """The book's three targets, each measured here and now."""
-    from mha import numpy as mnp
-
-    rows = []
-
-    def add(target, measured, unit, limit=None, met=None, note=""):
-        """One row; `limit` and `met` only for the book's targets, the other rows are context."""
-        verdict = "" if met is None else ("met" if met else "NOT MET")
-        rows.append({"target": target, "measured": f"{measured:.4g}", "unit": unit, "limit": limit or "",
-                     "verdict": verdict, "load_avg_1min": f"{load_average():.2f}", "note": note})
-        bound = f"(limit {limit}) {verdict}" if limit else ""
-        log(f"  {target:<56} {measured:10.4g} {unit:<8} {bound:<20} {note}")
-
-    # 1. mha.numpy's layer against the SDPA-based torch forward, on the same weights and input.
-    b, t, e, h = 4, 512, 512, 8
-    w = mha.Weights.random(e, h, seed=0)
-    x = np.random.default_rng(0).standard_normal((b, t, e)).astype(np.float32)
-    fns = {name: (lambda f=f, xi=xi: f(xi)) for name in ("mha.numpy", "torch SDPA", "torch.nn.MultiheadAttention")
-           for f, xi in [build(name, w, x)]}
-    fns["products only"] = lambda f=make_numpy_lower_bound(w): f(x)
-    fns["products, exp, sum"] = lambda f=make_numpy_lower_bound(w, exp_and_sum=True): f(x)
-    med = interleaved_medians(fns, runs=15)
-    ratio = med["mha.numpy"] / med["torch SDPA"]
-    add("mha.numpy / torch SDPA forward time, B=4 T=512 E=512", ratio, "ratio", "1.3", ratio <= 1.3,
-        f"{med['mha.numpy'] * 1e3:.1f} ms vs {med['torch SDPA'] * 1e3:.1f} ms")
-    for name, what in (("products only", "the 6 matrix products alone"),
-                       ("products, exp, sum", "the same plus exp and row sums")):
-        add(f"lower bound: {what} / torch SDPA", med[name] / med["torch SDPA"], "ratio",
-            note=f"{med[name] * 1e3:.1f} ms, no allocation (contestants.make_numpy_lower_bound)")
-    add("mha.numpy / torch.nn.MultiheadAttention time, same", med["mha.numpy"] / med["torch.nn.MultiheadAttention"],
-        "ratio", note=f"{med['torch.nn.MultiheadAttention'] * 1e3:.1f} ms")
-    hot = interleaved_medians({n: fns[n] for n in ("mha.numpy", "torch SDPA")}, runs=15, pause=0, warm=False)
-    add("the same ratio with no pause between calls (not fair)", hot["mha.numpy"] / hot["torch SDPA"], "ratio",
-        note=f"{hot['mha.numpy'] * 1e3:.1f} ms vs {hot['torch SDPA'] * 1e3:.1f} ms: "
-             "torch runs among NumPy's spinning threads")
-    peak = gemm_gflops()
-    flops = 4 * 2 * b * t * e * e + 2 * 2 * b * h * t * t * (e // h)  # projections + the two attention products
-    achieved = flops / med["mha.numpy"] / 1e9
-    add("float32 GEMM throughput, np.matmul 2048x2048", peak, "GFLOP/s")
-    add("mha.numpy forward throughput", achieved, "GFLOP/s", note=f"{flops / 1e9:.2f} GFLOP per forward")
-    add("fraction of GEMM throughput reached by mha.numpy", achieved / peak, "fraction")
-
-    # 2. tiled_attention at T = 8192: memory beyond its output, agreement, time against the naive path.
-    t = 8192
-    q, k, v = (np.random.default_rng(i).standard_normal((1, 8, t, 64)).astype(np.float32) for i in range(3))
-    tiled_mib, tiled_out = traced_peak_mib(lambda: mnp.tiled_attention(q, k, v))
-    out_mib = tiled_out.nbytes / 2**20
-    naive_mib, (naive_out, _) = traced_peak_mib(lambda: mnp.scaled_dot_product_attention(q, k, v))
-    diff = float(np.max(np.abs(tiled_out - naive_out)))
-    del naive_out
-    add("tiled_attention peak memory beyond its output, T=8192", tiled_mib - out_mib, "MiB", "64",
-        tiled_mib - out_mib <= 64, f"naive path: {naive_mib - out_mib:.0f} MiB beyond its output")
-    add("tiled_attention max abs difference from naive, T=8192", diff, "float32", "1e-05", diff <= 1e-5)
-    med = interleaved_medians({"tiled": lambda: mnp.tiled_attention(q, k, v),
-                               "naive": lambda: mnp.scaled_dot_product_attention(q, k, v)}, runs=5, warm=False)
-    add("tiled_attention / naive time, T=8192", med["tiled"] / med["naive"], "ratio", "1.0",
-        med["tiled"] <= med["naive"], f"{med['tiled']:.2f} s vs {med['naive']:.2f} s")
-    return rows
-
-
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -163,13 +88,23 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of the table (median kept)")
+    parser.add_argument("--sweep", action="store_true", help="also the sweep over T (minutes more)")
+    parser.add_argument("--no-table", action="store_true", help="skip the like-for-like table")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2**i for i in range(7, 14)])
-    parser.add_argument("--runs", type=int, default=5, help="timed rounds per length (median kept)")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds per length of the sweep")
     parser.add_argument("--only", nargs="+", choices=list(CONTESTANTS), default=list(CONTESTANTS))
-    parser.add_argument("--no-targets", action="store_true", help="skip the targets measured after the sweep")
-    parser.add_argument("--only-targets", action="store_true", help="measure the targets only, no sweep")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of table.memory_of
+    parser.add_argument("--cases", nargs="+", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_of:
+        import json
+
+        import table
+
+        print(json.dumps(table.memory_of(args.memory_of, [table.parse_case(c) for c in args.cases])))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -177,26 +112,34 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     log(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {load_average():.2f}")
-    lengths = [] if args.only_targets else args.lengths
-    if lengths:
-        log(f"Sweep: B={B}, H={H}, D={D}, E={E}, self-attention, no mask; T in {lengths}; "
-            f"{args.runs} interleaved rounds each")
+    if not args.no_table:
+        import table
+
+        rows = table.like_for_like(args.rounds, log)
+        write_csv(args.out / "like_for_like.csv", rows)
+        text = table.markdown(rows)
+        (args.out / "like_for_like.md").write_text(text + "\n")
+        log(text)
+        log(f"wrote {args.out / 'like_for_like.csv'} and like_for_like.md ({time.perf_counter() - start:.0f} s)")
+    if args.sweep:
+        sweep(args, start)
+    log(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def sweep(args, start: float) -> None:
+    """The sweep over T of the eight contestants (contestants.py): attention.csv, time.png, memory.png."""
+    log(f"Sweep: B={B}, H={H}, D={D}, E={E}, self-attention, no mask; T in {args.lengths}; "
+        f"{args.runs} interleaved rounds each")
     w = mha.Weights.random(E, H, seed=0)
     rows = []
-    for t in lengths:
+    for t in args.lengths:
         log(f"T={t} ({time.perf_counter() - start:.0f} s so far)")
         rows += sweep_one_length(t, args.runs, args.only, w)
         write_csv(args.out / "attention.csv", rows)  # written as it goes: an interrupted run keeps its data
-    if rows:
-        from plots import plot
+    from plots import plot
 
-        for path in plot(args.out / "attention.csv", args.out, f"{os.cpu_count()}-core CPU, float32", args.runs):
-            log(f"wrote {path}")
-    if not args.no_targets:
-        log("Targets:")
-        write_csv(args.out / "targets.csv", target_rows())
-        log(f"wrote {args.out / 'targets.csv'}")
-    log(f"done in {time.perf_counter() - start:.0f} s")
+    for path in plot(args.out / "attention.csv", args.out, f"{os.cpu_count()}-core CPU, float32", args.runs):
+        log(f"wrote {path}")
 
 
 if __name__ == "__main__":

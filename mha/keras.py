@@ -65,16 +65,27 @@ def _numpy(x) -> np.ndarray:
 
 
 def _normalize(x, axis: int):
-    """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN."""
+    """exp(x - max) / sum, where a row of only -inf (all masked) gives zeros, not NaN.
+
+    Each step rebinds x: a caller that hands x over (keeps no name for it) holds two arrays of its size, not three.
+    """
     m = ops.max(x, axis=axis, keepdims=True)
     m = ops.where(ops.isinf(m) & (m < 0), ops.zeros_like(m), m)  # all -inf: subtract 0, every exp is 0
-    e = ops.exp(x - m)
-    total = ops.sum(e, axis=axis, keepdims=True)
-    return e / ops.where(total == 0, ops.ones_like(total), total)
+    x = x - m
+    x = ops.exp(x)
+    total = ops.sum(x, axis=axis, keepdims=True)
+    return x / ops.where(total == 0, ops.ones_like(total), total)
 
 
 def _fill_masked(x, mask):
-    return ops.where(mask, x, ops.full_like(x, float("-inf")))
+    return ops.where(mask, x, ops.cast(float("-inf"), x.dtype))  # a scalar -inf: no (T, S) array of it
+
+
+def _scores(q, k, mask):
+    """q k^T / sqrt(D), with -inf where the mask blocks: (..., T, D), (..., S, D) -> (..., T, S)."""
+    q = q * ops.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # cast: keep float16 float16
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2))  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    return scores if mask is None else _fill_masked(scores, mask)
 
 
 def softmax(x, axis: int = -1):
@@ -177,9 +188,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, dropout=0.0, r
     if mask is not None:
         mask = _tensor(mask)
         _checks.check_mask("scaled_dot_product_attention", _shape(mask), _dtype(mask), scores_shape, "(..., T, S)")
-    q = q * ops.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # cast: keep float16 float16
-    scores = ops.matmul(q, ops.swapaxes(k, -1, -2))  # (..., T, D) @ (..., D, S) -> (..., T, S)
-    weights = _normalize(scores if mask is None else _fill_masked(scores, mask), -1)
+    weights = _normalize(_scores(q, k, mask), -1)  # (..., T, S); the scores handed over, freed inside
     if dropout:
         return ops.matmul(_dropout(weights, dropout, rng), v), weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
     return ops.matmul(weights, v), weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,6 +36,7 @@ __all__ = [
     "DecoderBlock",
     "fast_scaled_dot_product_attention",
     "tiled_attention",
+    "threaded_attention",
 ]
 
 
@@ -665,6 +668,39 @@ def tiled_attention(query, key, value, mask=None, block_size: int = 512) -> np.n
         rows = slice(i, i + block_size)
         tile_mask = None if mask is None else mask[..., rows, :]
         out[..., rows, :] = _attend_query_tile(q[..., rows, :], k, v, tile_mask, block_size)
+    return out
+
+
+def threaded_attention(query, key, value, mask=None, block_size: int = 512, key_block_size: int = 512,
+                       workers: int | None = None) -> np.ndarray:
+    """tiled_attention's contract and result, its query tiles shared among threads (chapter 13).
+
+    NumPy releases the GIL inside its matrix products and element-wise loops, so
+    `workers` threads (default: one per core) each run whole tiles: one head's
+    `block_size` queries against all its keys, `key_block_size` keys at a time, with
+    the online softmax of `_attend_query_tile`. Every core does exps, not only the one
+    a single NumPy call uses; a (512, 512) float32 block of scores is 1 MiB, about one
+    core's cache, and large enough that the Python loop costs little. Tiles write
+    disjoint rows of `out`: no locks.
+    """
+    q, k, v, mask, scores_shape = _attention_inputs("threaded_attention", query, key, value, mask)
+    _checks.check_positive_int("block_size", block_size)
+    _checks.check_positive_int("key_block_size", key_block_size)
+    *batch, t, s = scores_shape
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
+    if mask is not None:
+        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
+    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+
+    def attend(tile):
+        head, rows = tile  # one head's (Tb, D) queries, against all of that head's S keys
+        tile_mask = None if mask is None else mask[head][rows]
+        out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, key_block_size)
+
+    tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(attend, tiles))  # list(): re-raises here any error raised in a tile
     return out
 
 

@@ -53,12 +53,17 @@ def _tensor(where: str, name: str, x) -> torch.Tensor:
     return x
 
 
-def _normalize(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """torch.softmax (stable: it subtracts the row's max), where a row of only -inf gives zeros, not NaN."""
+def _normalize(x: torch.Tensor, axis: int, in_place: bool = False) -> torch.Tensor:
+    """torch.softmax (stable: it subtracts the row's max), where a row of only -inf gives zeros, not NaN.
+
+    `in_place` writes the result into x itself: only for a tensor of our own that no graph records.
+    """
     empty = torch.isneginf(x.amax(dim=axis, keepdim=True))  # (..., 1): rows with no entry left (all masked)
     if not empty.any():
-        return torch.softmax(x, dim=axis)
+        return torch.softmax(x, dim=axis, out=x if in_place else None)
     # softmax would give those rows 0/0 = NaN, and NaN gradients: give them zeros (from finite inputs)
+    if in_place:
+        return torch.softmax(x.masked_fill_(empty, 0), dim=axis, out=x).masked_fill_(empty, 0)
     return torch.softmax(x.masked_fill(empty, 0), dim=axis).masked_fill(empty, 0)
 
 
@@ -164,11 +169,13 @@ def scaled_dot_product_attention(
     if mask is not None:
         _tensor(where, "mask", mask)
         _checks.check_mask(where, _shape(mask), _dtype(mask), scores_shape, "(..., T, S)")
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scaling q, not the scores: no half-precision overflow first
-    scores = q @ k.transpose(-2, -1)  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    scale = 1.0 / math.sqrt(q.shape[-1])  # applied to q, not the scores: no half-precision overflow first
+    # Scaled q made row-major at once (matmul would copy a strided one again) and freed after the product.
+    scores = (q * scale).contiguous() @ k.transpose(-2, -1)  # (..., T, D) @ (..., D, S) -> (..., T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # blocked keys: exp(-inf) = 0
-    weights = _normalize(scores, -1)  # (..., T, S): each query's weights over the keys sum to 1
+        scores.masked_fill_(~mask, float("-inf"))  # blocked keys: exp(-inf) = 0; in place, the scores are ours
+    # Without a graph to record (no_grad, inference) the weights overwrite the scores: one (T, S) tensor, not two.
+    weights = _normalize(scores, -1, in_place=not scores.requires_grad)  # (..., T, S): each row sums to 1
     if dropout:
         return _dropout(weights, dropout, rng) @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
     return weights @ v, weights  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)

@@ -1,9 +1,10 @@
-"""`make bench` keeps working: a two-length sweep of all eight contestants, and the lower bound's arithmetic.
+"""`make bench` keeps working: the like-for-like table on small cases, a two-length sweep of all eight
+contestants, and the lower bound's arithmetic.
 
 The full benchmark takes minutes and its timings cannot be compared; what can
-break silently is a contestant that no longer runs, no longer agrees with
-mha.numpy, or a CSV that loses a column, and a lower bound that stops running
-the products it claims to run.
+break silently is a pair whose two sides no longer do the same work or agree,
+a memory figure that no longer comes from a fresh process, a CSV that loses a
+column, and a lower bound that stops running the products it claims to run.
 """
 
 from __future__ import annotations
@@ -24,11 +25,62 @@ sys.path.insert(0, str(BENCH))  # run.py imports its siblings as top-level modul
 
 import contestants  # noqa: E402
 import measure  # noqa: E402
+import pairs  # noqa: E402
 import run  # noqa: E402
+import table  # noqa: E402
+
+SMALL_LAYER = [pairs.Case(2, 64), pairs.Case(2, 64, True)]
+SMALL_ATTENTION = [pairs.Case(1, 300)]
+
+
+def small_cases(names):
+    """The small cases of each implementation: attention ones, layer ones, no causal case for a floor."""
+    def small(name):
+        if pairs.IMPLEMENTATIONS[name][1] is pairs.ATTENTION_CASES:
+            return SMALL_ATTENTION
+        return [c for c in SMALL_LAYER if not (name in pairs.FLOORS and c.causal)]
+    return {n: small(n) for n in names}
+
+
+def test_like_for_like_table_on_small_cases():
+    """Every torch and NumPy row, memory from child processes, one timed round: the two sides agree."""
+    names = ["mha.torch", "nn.MultiheadAttention", "mha.numpy", "floor: NumPy products",
+             "mha.numpy.threaded_attention", "F.scaled_dot_product_attention"]
+    rows = [r for r in pairs.ROWS if r.ours in names]
+    lines = []
+    got = table.like_for_like(1, lines.append, rows=rows, names=names, cases_of=small_cases(names))
+    assert [(r["ours"], r["case"]) for r in got] == [
+        (r.ours, c.label) for r in rows + [pairs.Row("floor: NumPy products", "", None, None)]
+        for c in small_cases(names)[r.ours]]
+    for r in got:
+        assert float(r["ours_ms"]) > 0 and float(r["reference_ms"]) > 0
+        assert float(r["reference_peak_mib"]) >= 0
+        if r["time_limit"]:
+            assert float(r["max_abs_diff"]) <= 1e-5, r
+    assert sum("in its own process" in line for line in lines) == len(names) - 1  # the floor needs none
+    nn_rows = [r for r in got if r["reference"] == "nn.MultiheadAttention" and r["time_limit"]]
+    assert all("_native_multi_head_attention" in r["note"] for r in nn_rows)  # its fused path ran
+    assert "| mha.torch | nn.MultiheadAttention | B=2 T=64 causal |" in table.markdown(got)
+
+
+def test_keras_pair_does_the_same_work():
+    """Both Keras layers return (out, weights (B, H, T, S)) and agree, with and without the causal mask."""
+    for case in SMALL_LAYER:
+        ours, theirs = (pairs.to_numpy(pairs.IMPLEMENTATIONS[n][0](case)())
+                        for n in ("mha.keras", "keras MultiHeadAttention"))
+        assert len(ours) == len(theirs) == 2 and ours[1].shape == theirs[1].shape == (2, pairs.H, 64, 64)
+        assert table.max_diff(ours, theirs) <= 1e-5
+
+
+def test_memory_child_measures_a_known_allocation():
+    """The child's figure counts what a call allocates: mha.numpy's weights at least, (B, H, T, S) float32."""
+    peaks = table.memory_in_fresh_processes(["mha.numpy"], {"mha.numpy": [pairs.Case(4, 512)]}, lambda _: None)
+    weights_mib = 4 * pairs.H * 512 * 512 * 4 / measure.MIB
+    assert weights_mib <= peaks["mha.numpy", "B=4 T=512 no mask"] < 6 * weights_mib
 
 
 def test_one_length_sweep_writes_csv_and_plots(tmp_path):
-    run.main(["--lengths", "64", "128", "--runs", "1", "--no-targets", "--out", str(tmp_path)])
+    run.main(["--no-table", "--sweep", "--lengths", "64", "128", "--runs", "1", "--out", str(tmp_path)])
     with open(tmp_path / "attention.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["implementation"], int(r["T"])) for r in rows] == [

@@ -54,11 +54,12 @@ def test_tiled_equals_naive(lead, t, s, d, dv, block_size, mask_kind, dtype, see
     v = rng.standard_normal((*lead, s, dv)).astype(dtype)
     mask = make_mask(mask_kind, rng, lead, t, s)
     naive, weights = mnp.scaled_dot_product_attention(q, k, v, mask)
-    tiled = mnp.tiled_attention(q, k, v, mask, block_size=block_size)
-    assert tiled.dtype == dtype and tiled.shape == naive.shape == (*lead, t, dv)
-    np.testing.assert_allclose(tiled, naive, rtol=0, atol=1e-5)
     empty = ~weights.any(axis=-1)  # (*lead, T): rows that may attend nothing
-    assert (tiled[empty] == 0).all() and np.isfinite(tiled).all()
+    for tiled in (mnp.tiled_attention(q, k, v, mask, block_size=block_size),
+                  mnp.threaded_attention(q, k, v, mask, block_size=block_size, key_block_size=block_size + 2, workers=3)):
+        assert tiled.dtype == dtype and tiled.shape == naive.shape == (*lead, t, dv)
+        np.testing.assert_allclose(tiled, naive, rtol=0, atol=1e-5)
+        assert (tiled[empty] == 0).all() and np.isfinite(tiled).all()
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 4, 5, 8, 100])
@@ -70,13 +71,15 @@ def test_block_sizes_that_do_and_do_not_divide_s(block_size):
     np.testing.assert_allclose(mnp.tiled_attention(q, k, v, mask, block_size=block_size), naive, atol=1e-6)
 
 
-def test_broadcast_batch_axes_and_inputs_left_untouched():
+@pytest.mark.parametrize("attention", [mnp.tiled_attention, mnp.threaded_attention])
+def test_broadcast_batch_axes_and_inputs_left_untouched(attention):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
     k, v = (rng.standard_normal((1, 3, 7, 4)).astype(np.float32) for _ in range(2))  # shared over B
     before = [a.copy() for a in (q, k, v)]
     naive, _ = mnp.scaled_dot_product_attention(q, k, v)
-    np.testing.assert_allclose(mnp.tiled_attention(q, k, v, block_size=3), naive, atol=1e-6)
+    np.testing.assert_allclose(attention(q, k, v, block_size=3), naive, atol=1e-6)
+    np.testing.assert_allclose(mnp.threaded_attention(q, k, v, key_block_size=2), naive, atol=1e-6)
     for a, b in zip((q, k, v), before):
         np.testing.assert_array_equal(a, b)
 
@@ -112,18 +115,22 @@ def test_bad_input_raises_what_sdpa_raises(args):
     """The same exception type and the same sentence as scaled_dot_product_attention (naming itself), on entry."""
     with pytest.raises((TypeError, ValueError)) as naive:
         mnp.scaled_dot_product_attention(*args)
-    with pytest.raises((TypeError, ValueError)) as tiled:
-        mnp.tiled_attention(*args)
-    assert type(tiled.value) is type(naive.value)
-    assert str(tiled.value) == str(naive.value).replace("scaled_dot_product_attention", "tiled_attention")
-    assert str(tiled.value).startswith("tiled_attention: ")
+    for name in ("tiled_attention", "threaded_attention"):
+        with pytest.raises((TypeError, ValueError)) as tiled:
+            getattr(mnp, name)(*args)
+        assert type(tiled.value) is type(naive.value)
+        assert str(tiled.value) == str(naive.value).replace("scaled_dot_product_attention", name)
+        assert str(tiled.value).startswith(f"{name}: ")
 
 
 @pytest.mark.parametrize("block_size, error", [(0, ValueError), (-4, ValueError), (2.0, TypeError), (True, TypeError)])
 def test_bad_block_size(block_size, error):
     q = np.ones((3, 4), np.float32)
-    with pytest.raises(error, match="block_size"):
-        mnp.tiled_attention(q, q, q, block_size=block_size)
+    for attention in (mnp.tiled_attention, mnp.threaded_attention):
+        with pytest.raises(error, match="block_size"):
+            attention(q, q, q, block_size=block_size)
+    with pytest.raises(error, match="key_block_size"):
+        mnp.threaded_attention(q, q, q, key_block_size=block_size)
 
 
 def peak_bytes(fn) -> int:
@@ -173,3 +180,14 @@ def test_fast_sdpa_equals_the_reference(lead, t, s, d, mask_kind, dtype, seed):
     np.testing.assert_allclose(fast_out, out, rtol=0, atol=1e-5)
     np.testing.assert_allclose(fast_weights, weights, rtol=0, atol=1e-6)
     assert np.array_equal(q_strided, q)  # the caller's input is left alone
+
+
+def test_threaded_memory_is_a_few_blocks_per_worker():
+    """Two workers, each one (128, 256) block of scores at a time: far below one head's (T, S) scores."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 1024, 16)).astype(np.float32) for _ in range(3))
+    out_bytes = q.nbytes
+    peak = peak_bytes(lambda: mnp.threaded_attention(q, k, v, block_size=128, key_block_size=256, workers=2))
+    block_bytes = 128 * 256 * 4
+    assert peak - out_bytes < 2 * 2 * block_bytes  # per worker: its block and its exp, with room to spare
+    assert peak - out_bytes < 1024 * 1024 * 4 / 8  # an eighth of one head's scores
