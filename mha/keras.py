@@ -25,6 +25,8 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "sinusoidal_positions",
+    "rope",
+    "sliding_window_mask",
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
@@ -123,6 +125,40 @@ def sinusoidal_positions(t: int, d_model: int):
     float64 tensor in float32: 7.5e-6 off at T = 300, E = 64, where the NumPy table is within 1e-7.)
     """
     return ops.convert_to_tensor(_reference.sinusoidal_positions(t, d_model))
+
+
+def rope(x, positions=None, base: float = 10000.0):
+    """Rotary position embedding of x (..., T, D), D even, in the half-split layout (chapter 12).
+
+    Pair i is (x_i, x_{i+D/2}), turned by the angle p * base^(-2i/D) at position p, as KerasHub's
+    ``RotaryEmbedding``. `positions`: integers (T,), 0..T-1 by default. The cos/sin table is built
+    from the NumPy reference's float64 angles, as `sinusoidal_positions` is, so `positions` must
+    hold values (not a symbolic tensor): Keras's JAX backend takes ``ops.sin`` of float64 in float32.
+    """
+    x = _tensor(x)
+    pos = None if positions is None else _tensor(positions)
+    pos_shape, pos_dtype = (None, None) if pos is None else (_shape(pos), _dtype(pos))
+    _checks.check_rope(_shape(x), _dtype(x), pos_shape, pos_dtype, base)
+    t, d = x.shape[-2:]
+    angle = _reference._rope_angles(np.arange(t) if pos is None else ops.convert_to_numpy(pos), d, base)
+    cos = ops.cast(ops.convert_to_tensor(np.cos(angle)), _dtype(x))  # (T, D/2), in x's dtype
+    sin = ops.cast(ops.convert_to_tensor(np.sin(angle)), _dtype(x))
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]  # (..., T, D/2) each: the two halves of every pair
+    return ops.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (..., T, D)
+
+
+def sliding_window_mask(t: int, window: int, s: int | None = None):
+    """Bool (T, S), S >= T: query i may attend the `window` most recent keys up to its own position.
+
+    Bottom-right aligned: key j is allowed when i + (S - T) - window < j <= i + (S - T).
+    (``keras.layers.MultiHeadAttention(sliding_window=w)`` with ``use_causal_mask=True`` is
+    ``sliding_window_mask(t, w)`` when S = T; chapter 12.)
+    """
+    s = t if s is None else s
+    _checks.check_window(t, window, s)
+    position = ops.arange(t)[:, None] + (s - t)  # (T, 1): where each query sits among the keys
+    key = ops.arange(s)[None, :]  # (1, S)
+    return (key <= position) & (key > position - window)  # (1, S) vs (T, 1) -> (T, S)
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, dropout=0.0, rng=None):

@@ -117,12 +117,19 @@ def rope(x, positions=None, base: float = 10000.0) -> np.ndarray:
     pos_shape, pos_dtype = (None, None) if pos is None else (pos.shape, _dtype(pos))
     _checks.check_rope(x.shape, _dtype(x), pos_shape, pos_dtype, base)
     t, d = x.shape[-2:]
-    pos = np.arange(t) if pos is None else pos
-    freq = float(base) ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,): base^(-2i/D)
-    angle = pos.astype(np.float64)[:, None] * freq  # (T, 1) * (D/2,) -> (T, D/2); float64, as in sinusoidal_positions
+    angle = _rope_angles(np.arange(t) if pos is None else pos, d, base)  # (T, D/2)
     cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)  # (T, D/2), in x's dtype
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]  # (..., T, D/2) each: the two halves of every pair
     return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (..., T, D)
+
+
+def _rope_angles(positions: np.ndarray, d: int, base: float) -> np.ndarray:
+    """(T, D/2) float64: the angle p * base^(-2i/D) of pair i at position p (also mha.keras's table).
+
+    float64, as in sinusoidal_positions: a float32 angle is off by up to p * 6e-8 radians.
+    """
+    freq = float(base) ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,): base^(-2i/D)
+    return positions.astype(np.float64)[:, None] * freq  # (T, 1) * (D/2,) -> (T, D/2)
 
 
 def sliding_window_mask(t: int, window: int, s: int | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from backends import BACKENDS
 
-OURS = ["numpy", "torch"]
+OURS = ["numpy", "torch", "keras"]
 
 
 def positions_for(backend, positions: np.ndarray):
@@ -82,45 +82,47 @@ def test_hand_values():
     np.testing.assert_allclose(y, [[1, 0], [np.cos(1), np.sin(1)], [-np.sin(2), np.cos(2)]], atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", OURS)
+# The property tests loop over the backends inside, so they stay on TensorFlow's Keras (as in
+# test_agreement.py); the parametrized tests below also run on Keras's JAX and torch backends.
+
 @settings(max_examples=40, deadline=None)
 @given(case=cases())
-def test_matches_the_complex_formula(backend, case):
+def test_property_matches_the_complex_formula(case):
     x, positions = case
     expected = complex_formula(x, np.arange(x.shape[-2]) if positions is None else positions)
-    y = run(backend, x, positions)
-    assert y.dtype == np.float32 and y.shape == x.shape
-    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-6)
+    for backend in OURS:
+        y = run(backend, x, positions)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        np.testing.assert_allclose(y, expected, rtol=0, atol=2e-6, err_msg=backend)
 
 
-@pytest.mark.parametrize("backend", OURS)
 @settings(max_examples=40, deadline=None)
 @given(case=cases())
-def test_norm_of_every_token_is_kept(backend, case):
+def test_property_norm_of_every_token_is_kept(case):
     x, positions = case
-    y = run(backend, x, positions).astype(np.float64)
-    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x.astype(np.float64), axis=-1),
-                               rtol=1e-6, atol=1e-6)
+    for backend in OURS:
+        y = run(backend, x, positions).astype(np.float64)
+        np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x.astype(np.float64), axis=-1),
+                                   rtol=1e-6, atol=1e-6, err_msg=backend)
 
 
-@pytest.mark.parametrize("backend", OURS)
 @settings(max_examples=40, deadline=None)
 @given(d=st.integers(1, 32).map(lambda n: 2 * n), m=st.integers(0, 2000), n=st.integers(0, 2000),
        c=st.integers(-2000, 2000), seed=st.integers(0, 2**16))
-def test_scores_depend_only_on_the_offset(backend, d, m, n, c, seed):
+def test_property_scores_depend_only_on_the_offset(d, m, n, c, seed):
     """q rotated at m and k at n give the same q.k as at m + c and n + c."""
     c = max(c, -min(m, n))  # keep positions >= 0
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((2, 1, d)).astype(np.float32)  # (T, D) = (1, D) each
-    score = lambda pq, pk: float(
-        (run(backend, q, np.array([pq])).astype(np.float64) @ run(backend, k, np.array([pk])).astype(np.float64).T)[0, 0]
-    )
-    # float32 cos/sin carry ~6e-8 relative error each: the two scores agree to about 1e-6 of |q||k|.
     scale = np.linalg.norm(q) * np.linalg.norm(k)
-    assert abs(score(m, n) - score(m + c, n + c)) <= 1e-6 * scale + 1e-7
-    # and the rotation does something: the score at offset m - n is the complex formula's
     expected = complex_formula(q, [m])[0] @ complex_formula(k, [n])[0]
-    assert abs(score(m, n) - expected) <= 1e-6 * scale + 1e-7
+    for backend in OURS:
+        turned = lambda a, p: run(backend, a, np.array([p]))[0].astype(np.float64)  # (D,)
+        score = lambda pq, pk: float(turned(q, pq) @ turned(k, pk))
+        # float32 cos/sin carry ~6e-8 relative error each: the two scores agree to about 1e-6 of |q||k|.
+        assert abs(score(m, n) - score(m + c, n + c)) <= 1e-6 * scale + 1e-7, backend
+        # and the rotation does something: the score at offset m - n is the complex formula's
+        assert abs(score(m, n) - expected) <= 1e-6 * scale + 1e-7, backend
 
 
 def test_scores_do_change_with_the_offset():
@@ -131,20 +133,20 @@ def test_scores_do_change_with_the_offset():
     assert abs(s(3, 1) - s(3, 2)) > 1e-2
 
 
-@pytest.mark.parametrize("backend", OURS)
 @settings(max_examples=30, deadline=None)
 @given(case=cases())
-def test_half_split_is_interleaved_after_permuting_features(backend, case):
+def test_property_half_split_is_interleaved_after_permuting_features(case):
     x, positions = case
     t, d = x.shape[-2:]
     positions = np.arange(t) if positions is None else positions
     perm = half_to_interleaved(d)
-    half = run(backend, x, positions)
-    np.testing.assert_allclose(half[..., perm], interleaved_rope(x[..., perm], positions), rtol=0, atol=2e-6)
-    # so the scores are the same in both layouts once w_q and w_k have their columns permuted
-    scores_half = half @ np.swapaxes(half, -1, -2)
     inter = interleaved_rope(x[..., perm], positions)
-    np.testing.assert_allclose(scores_half, inter @ np.swapaxes(inter, -1, -2), rtol=0, atol=2e-5)
+    for backend in OURS:
+        half = run(backend, x, positions)
+        np.testing.assert_allclose(half[..., perm], inter, rtol=0, atol=2e-6, err_msg=backend)
+        # so the scores are the same in both layouts once w_q and w_k have their columns permuted
+        scores_half = half @ np.swapaxes(half, -1, -2)
+        np.testing.assert_allclose(scores_half, inter @ np.swapaxes(inter, -1, -2), rtol=0, atol=2e-5, err_msg=backend)
 
 
 def test_the_layouts_differ_without_the_permutation():
@@ -186,7 +188,7 @@ def test_dtype_is_kept(backend, dtype):
     assert b.numpy(y).dtype == dtype
 
 
-def test_three_backends_equal():
+def test_numpy_torch_keras_equal():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 4, 33, 64)).astype(np.float32)
     positions = rng.integers(0, 8192, 33)

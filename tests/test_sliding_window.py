@@ -19,7 +19,7 @@ import mha
 import mha.numpy as ref
 from backends import BACKENDS
 
-OURS = ["numpy", "torch"]
+OURS = ["numpy", "torch", "keras"]
 
 
 def mask(backend: str, t: int, window: int, s: int | None = None) -> np.ndarray:
@@ -97,11 +97,17 @@ def keras_mha(w: mha.Weights, window: int) -> keras.layers.MultiHeadAttention:
     loaded = mha.keras.to_builtin(w)
     layer = keras.layers.MultiHeadAttention(num_heads=w.num_heads, key_dim=w.head_dim, sliding_window=window)
     layer.build(query_shape=(None, None, w.d_model), value_shape=(None, None, w.d_model))
-    layer.set_weights(loaded.get_weights())
+    for mine, theirs in zip(layer.weights, loaded.weights, strict=True):
+        mine.assign(theirs.value)  # the same kernels and biases, in the same order
     return layer
 
 
-@pytest.mark.parametrize("builtin", [keras_mha, keras_gqa], ids=["keras_MultiHeadAttention", "keras_GroupQueryAttention"])
+KERAS_LAYERS = pytest.mark.parametrize(
+    "builtin", [keras_mha, keras_gqa], ids=["keras_MultiHeadAttention", "keras_GroupQueryAttention"]
+)
+
+
+@KERAS_LAYERS
 @pytest.mark.parametrize("t, window", [(6, 1), (6, 3), (9, 4), (5, 5), (5, 8)])
 def test_keras_sliding_window_is_ours_with_the_same_window(builtin, t, window):
     """Keras's sliding_window=w with use_causal_mask=True is our sliding_window_mask(t, w): w' = w."""
@@ -117,7 +123,7 @@ def test_keras_sliding_window_is_ours_with_the_same_window(builtin, t, window):
                           - ours_weights).max() > 1e-3
 
 
-@pytest.mark.parametrize("builtin", [keras_mha, keras_gqa], ids=["keras_MultiHeadAttention", "keras_GroupQueryAttention"])
+@KERAS_LAYERS
 def test_keras_sliding_window_alone_is_a_symmetric_band(builtin):
     """Without use_causal_mask, Keras's window also looks w - 1 keys ahead: ours OR its transpose."""
     t, window = 7, 3
