@@ -39,6 +39,11 @@ class Weights:
     (E, E): PyTorch's ``nn.Linear`` stores the transpose, Keras's built-in
     layer a reshaped copy; ``mha.torch.to_builtin`` and
     ``mha.keras.to_builtin`` do the conversions.
+
+    ``num_kv_heads`` (Hkv, keyword only) makes it grouped-query attention: w_k, w_v are
+    then (E, Hkv * D) and b_k, b_v (Hkv * D,), one key/value head per group of H / Hkv
+    query heads (Hkv = 1 is multi-query attention). None means H: plain multi-head
+    attention, with the same fields and shapes as before (chapter 12).
     """
 
     num_heads: int
@@ -50,28 +55,43 @@ class Weights:
     b_k: np.ndarray | None = None  # (E,)
     b_v: np.ndarray | None = None  # (E,)
     b_o: np.ndarray | None = None  # (E,)
+    _: dataclasses.KW_ONLY
+    # Not a field: dataclasses.fields(w) lists the arrays above and num_heads only, as for plain MHA.
+    num_kv_heads: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, num_kv_heads):
         _checks.check_positive_int("num_heads", self.num_heads)
+        self.num_kv_heads = _checks.check_kv_heads(self.num_heads, num_kv_heads)  # Hkv; None -> H
         for name in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, np.array(value, dtype=np.float32))  # a copy: no aliasing
         d_model = self.w_q.shape[0] if self.w_q.ndim else 0
+        _checks.check_heads(d_model, self.num_heads)
+        kv = self.num_kv_heads * (d_model // self.num_heads)  # Hkv * D, the width of k and v (E for MHA)
+        gqa = f" with Hkv = num_kv_heads = {self.num_kv_heads}" if kv != d_model else ""
         for name in ("w_q", "w_k", "w_v", "w_o"):
             shape = getattr(self, name).shape
-            if shape != (d_model, d_model):
+            if name in ("w_k", "w_v") and gqa:
+                if shape != (d_model, kv):
+                    raise ValueError(f"Weights: {name} must have shape (E, Hkv * D) = ({d_model}, {kv}){gqa}, "
+                                     f"got {shape}")
+            elif shape != (d_model, d_model):
                 raise ValueError(
                     f"Weights: {name} must have shape (E, E) = ({d_model}, {d_model}) "
                     f"like w_q, got {shape}"
                 )
         for name in ("b_q", "b_k", "b_v", "b_o"):
             value = getattr(self, name)
-            if value is not None and value.shape != (d_model,):
+            if value is None:
+                continue
+            if name in ("b_k", "b_v") and gqa:
+                if value.shape != (kv,):
+                    raise ValueError(f"Weights: {name} must have shape (Hkv * D,) = ({kv},){gqa}, got {value.shape}")
+            elif value.shape != (d_model,):
                 raise ValueError(
                     f"Weights: {name} must have shape (E,) = ({d_model},), got {value.shape}"
                 )
-        _checks.check_heads(d_model, self.num_heads)
 
     @property
     def d_model(self) -> int:
@@ -89,33 +109,40 @@ class Weights:
         return any(b is not None for b in (self.b_q, self.b_k, self.b_v, self.b_o))
 
     def biases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(b_q, b_k, b_v, b_o), with zeros where a bias is None."""
-        zero = np.zeros(self.d_model, dtype=np.float32)
-        return tuple(zero if b is None else b for b in (self.b_q, self.b_k, self.b_v, self.b_o))
+        """(b_q, b_k, b_v, b_o), with zeros where a bias is None (of width Hkv * D for b_k and b_v)."""
+        widths = (self.d_model, self.w_k.shape[1], self.w_v.shape[1], self.d_model)
+        biases = (self.b_q, self.b_k, self.b_v, self.b_o)
+        return tuple(np.zeros(n, dtype=np.float32) if b is None else b for b, n in zip(biases, widths))
 
     @classmethod
-    def random(cls, d_model: int, num_heads: int, *, bias: bool = True, seed: int = 0) -> "Weights":
-        """Seeded example weights: uniform in +-1/sqrt(E), like ``nn.Linear``'s default."""
+    def random(cls, d_model: int, num_heads: int, *, bias: bool = True, seed: int = 0,
+               num_kv_heads: int | None = None) -> "Weights":
+        """Seeded example weights: uniform in +-1/sqrt(E), like ``nn.Linear``'s default.
+
+        With `num_kv_heads`, w_k and w_v are (E, Hkv * D); None draws exactly the plain MHA weights.
+        """
         _checks.check_positive_int("d_model", d_model)
         _checks.check_positive_int("num_heads", num_heads)
         _checks.check_heads(d_model, num_heads)
+        kv = _checks.check_kv_heads(num_heads, num_kv_heads) * (d_model // num_heads)  # Hkv * D
         rng = np.random.default_rng(seed)
         limit = 1.0 / np.sqrt(d_model)
 
         def draw(*shape):
             return rng.uniform(-limit, limit, size=shape).astype(np.float32)
 
-        w = {name: draw(d_model, d_model) for name in ("w_q", "w_k", "w_v", "w_o")}
-        b = {name: draw(d_model) if bias else None for name in ("b_q", "b_k", "b_v", "b_o")}
-        return cls(num_heads=num_heads, **w, **b)
+        widths = {"q": d_model, "k": kv, "v": kv, "o": d_model}  # the output width of each projection
+        w = {f"w_{n}": draw(d_model, widths[n]) for n in "qkvo"}
+        b = {f"b_{n}": draw(widths[n]) if bias else None for n in "qkvo"}
+        return cls(num_heads=num_heads, **w, **b, num_kv_heads=num_kv_heads)
 
     def copy(self) -> "Weights":
         """A deep copy: the arrays are copied too."""
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, num_kv_heads=self.num_kv_heads)  # not a field: pass it on
 
     def allclose(self, other: "Weights", atol: float = 0.0) -> bool:
         """True when both carry the same numbers (a missing bias equals zeros)."""
-        if self.num_heads != other.num_heads or self.d_model != other.d_model:
+        if (self.num_heads, self.num_kv_heads, self.d_model) != (other.num_heads, other.num_kv_heads, other.d_model):
             return False
         mine = (self.w_q, self.w_k, self.w_v, self.w_o, *self.biases())
         theirs = (other.w_q, other.w_k, other.w_v, other.w_o, *other.biases())
@@ -123,7 +150,8 @@ class Weights:
 
     def __repr__(self) -> str:
         bias = "with bias" if self.has_bias else "no bias"
-        return f"Weights(E={self.d_model}, H={self.num_heads}, D={self.head_dim}, {bias})"
+        kv = f", Hkv={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"Weights(E={self.d_model}, H={self.num_heads}{kv}, D={self.head_dim}, {bias})"
 
 
 @contextlib.contextmanager

@@ -340,3 +340,27 @@ def check_window(t, window, s) -> None:
             f"sliding_window_mask: s must be >= t (the T queries are the last T of the S positions), "
             f"got t={t}, s={s}"
         )
+
+
+# Chapter 12: grouped-query and multi-query attention (num_kv_heads, repeat_kv).
+
+def check_kv_heads(num_heads: int, num_kv_heads) -> int:
+    """Checks num_kv_heads (Hkv) against num_heads (H); returns Hkv, with None meaning H (plain multi-head)."""
+    if num_kv_heads is None:
+        return num_heads
+    check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}: every key/value head "
+            f"serves a group of H / Hkv query heads, so Hkv must divide H"
+        )
+    return int(num_kv_heads)
+
+
+def check_repeat_kv(shape: tuple, n_rep) -> None:
+    """repeat_kv(x, n_rep): x (B, Hkv, S, D) and a positive int n_rep."""
+    check_rank("repeat_kv", "x", shape, 4, "(B, Hkv, S, D)")
+    try:
+        check_positive_int("n_rep", n_rep)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"repeat_kv: {error}") from None

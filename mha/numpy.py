@@ -26,6 +26,7 @@ __all__ = [
     "scaled_dot_product_attention_vjp",
     "split_heads",
     "merge_heads",
+    "repeat_kv",
     "MultiHeadAttention",
     "layer_norm",
     "EncoderBlock",
@@ -196,6 +197,17 @@ def merge_heads(x) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)  # (B, H, T, D) -> (B, T, H, D) -> (B, T, E)
 
 
+def repeat_kv(x, n_rep: int) -> np.ndarray:
+    """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D): each key/value head repeated for its group of query heads.
+
+    Query head h reads kv head h // n_rep, the layout of ``enable_gqa=True`` in torch's SDPA
+    (``repeat_interleave`` on the head axis), einops 'b g s d -> b (g r) s d' (chapter 12).
+    """
+    x = np.asarray(x)
+    _checks.check_repeat_kv(x.shape, n_rep)
+    return np.repeat(x, n_rep, axis=1)  # (B, Hkv, S, D) -> (B, Hkv * n_rep, S, D)
+
+
 def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """x @ w + b: (B, T, E_in) @ (E_in, E_out) -> (B, T, E_out)."""
     return x @ w if b is None else x @ w + b
@@ -206,10 +218,13 @@ class MultiHeadAttention:
 
     Called as ``(query, key=None, value=None, mask=None)``: key defaults to
     query and value to key. Returns (out (B, T, E), weights (B, H, T, S)).
+    ``num_kv_heads`` (Hkv, dividing H) makes it grouped-query attention: H / Hkv query
+    heads share each key/value head (Hkv = 1: multi-query); None is plain multi-head.
     """
 
-    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0, seed: int = 0):
-        self._w = Weights.random(d_model, num_heads, bias=bias, seed=seed)
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0,
+                 num_kv_heads: int | None = None, seed: int = 0):
+        self._w = Weights.random(d_model, num_heads, bias=bias, seed=seed, num_kv_heads=num_kv_heads)
         self.dropout = _checks.check_dropout("MultiHeadAttention", dropout)
 
     @classmethod
@@ -230,6 +245,17 @@ class MultiHeadAttention:
     def num_heads(self) -> int:
         return self._w.num_heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self._w.num_kv_heads
+
+    def _project_kv(self, x_k: np.ndarray, x_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys and values, one per kv head: (B, S, E) -> (B, Hkv, S, D) each."""
+        w, g = self._w, self.num_kv_heads
+        k = split_heads(_linear(x_k, w.w_k, w.b_k), g)  # (B, S, E) @ (E, Hkv * D) -> (B, Hkv, S, D)
+        v = split_heads(_linear(x_v, w.w_v, w.b_v), g)  # (B, S, E) @ (E, Hkv * D) -> (B, Hkv, S, D)
+        return k, v
+
     def __call__(self, query, key=None, value=None, mask=None, *, training: bool = False,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         key = query if key is None else key
@@ -246,9 +272,10 @@ class MultiHeadAttention:
                 "MultiHeadAttention", mask.shape, _dtype(mask), (b, self.num_heads, t, s), "(B, H, T, S)"
             )
         w, h = self._w, self.num_heads
+        n_rep = h // self.num_kv_heads  # query heads per kv head; 1 for plain multi-head attention
         q = split_heads(_linear(x_q, w.w_q, w.b_q), h)  # (B, T, E) -> (B, H, T, D)
-        k = split_heads(_linear(x_k, w.w_k, w.b_k), h)  # (B, S, E) -> (B, H, S, D)
-        v = split_heads(_linear(x_v, w.w_v, w.b_v), h)  # (B, S, E) -> (B, H, S, D)
+        k, v = self._project_kv(x_k, x_v)  # (B, Hkv, S, D) each
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, Hkv, S, D) -> (B, H, S, D)
         p = self.dropout if training else 0.0  # dropout only while training
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p, rng=rng)  # (B, H, T, D), (B, H, T, S)
         return _linear(merge_heads(out), w.w_o, w.b_o), weights  # (B, H, T, D) -> (B, T, E)
@@ -263,15 +290,16 @@ class MultiHeadAttention:
         _checks.check_decode_input(self.d_model, x.shape, _dtype(x))
         if cache is not None:
             _checks.check_cache_type(isinstance(cache, KVCache), cache)
-            expected = (x.shape[0], self.num_heads, self._w.head_dim)  # Hkv = H until grouped-query attention
+            expected = (x.shape[0], self.num_kv_heads, self._w.head_dim)  # (B, Hkv, D)
             _checks.check_cache(cache.k.shape, cache.v.shape, expected, (_dtype(cache.k), _dtype(cache.v)))
         w, h = self._w, self.num_heads
+        n_rep = h // self.num_kv_heads
         q = split_heads(_linear(x, w.w_q, w.b_q), h)  # (B, T_new, E) -> (B, H, T_new, D)
-        k = split_heads(_linear(x, w.w_k, w.b_k), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        v = split_heads(_linear(x, w.w_v, w.b_v), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        k, v = self._project_kv(x, x)  # (B, Hkv, T_new, D) each
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D): H / Hkv times smaller
         mask = causal_mask(q.shape[2], len(cache), align="bottom-right")  # (T_new, S)
-        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        k, v = repeat_kv(cache.k, n_rep), repeat_kv(cache.v, n_rep)  # (B, Hkv, S, D) -> (B, H, S, D)
+        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
         return _linear(merge_heads(out), w.w_o, w.b_o), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
     def vjp(self, query, key, value, d_out, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Weights]:
@@ -295,23 +323,29 @@ class MultiHeadAttention:
                 "MultiHeadAttention", mask.shape, _dtype(mask), (b, self.num_heads, t, x_k.shape[1]), "(B, H, T, S)"
             )
         w, h = self._w, self.num_heads
+        n_rep = h // self.num_kv_heads
         # The forward again, keeping what the backward needs.
         q = split_heads(_linear(x_q, w.w_q, w.b_q), h)  # (B, T, E) -> (B, H, T, D)
-        k = split_heads(_linear(x_k, w.w_k, w.b_k), h)  # (B, S, E) -> (B, H, S, D)
-        v = split_heads(_linear(x_v, w.w_v, w.b_v), h)  # (B, S, E) -> (B, H, S, D)
+        k, v = self._project_kv(x_k, x_v)  # (B, Hkv, S, D) each
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, Hkv, S, D) -> (B, H, S, D)
         m = merge_heads(scaled_dot_product_attention(q, k, v, mask)[0])  # (B, H, T, D) -> (B, T, E)
         # Backward, last step first: y = m @ w_o + b_o.
         d_m, d_w_o, d_b_o = _linear_vjp(m, w.w_o, d_y)  # (B, T, E), (E, E), (E,)
         # merge_heads only moves entries around: its backward is split_heads, and the other way round.
         d_q, d_k, d_v = scaled_dot_product_attention_vjp(q, k, v, split_heads(d_m, h), mask)  # (B, H, ., D)
+        d_k, d_v = _repeat_kv_vjp(d_k, n_rep), _repeat_kv_vjp(d_v, n_rep)  # (B, H, S, D) -> (B, Hkv, S, D)
         d_query, d_w_q, d_b_q = _linear_vjp(x_q, w.w_q, merge_heads(d_q))  # (B, T, E), (E, E), (E,)
-        d_key, d_w_k, d_b_k = _linear_vjp(x_k, w.w_k, merge_heads(d_k))  # (B, S, E), (E, E), (E,)
-        d_value, d_w_v, d_b_v = _linear_vjp(x_v, w.w_v, merge_heads(d_v))  # (B, S, E), (E, E), (E,)
-        d_b = (d_b_q, d_b_k, d_b_v, d_b_o) if w.has_bias else (np.zeros_like(d_b_o),) * 4  # no bias: zeros
-        return d_query, d_key, d_value, Weights(h, d_w_q, d_w_k, d_w_v, d_w_o, *d_b)
+        d_key, d_w_k, d_b_k = _linear_vjp(x_k, w.w_k, merge_heads(d_k))  # (B, S, E), (E, Hkv * D), (Hkv * D,)
+        d_value, d_w_v, d_b_v = _linear_vjp(x_v, w.w_v, merge_heads(d_v))  # (B, S, E), (E, Hkv * D), (Hkv * D,)
+        d_b = (d_b_q, d_b_k, d_b_v, d_b_o)
+        if not w.has_bias:  # no bias: zeros of the same shapes
+            d_b = tuple(np.zeros_like(d) for d in d_b)
+        d_w = Weights(h, d_w_q, d_w_k, d_w_v, d_w_o, *d_b, num_kv_heads=self.num_kv_heads)
+        return d_query, d_key, d_value, d_w
 
     def __repr__(self) -> str:
-        return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads})"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"mha.numpy.MultiHeadAttention(d_model={self.d_model}, num_heads={self.num_heads}{kv})"
 
 
 # Chapter 9: the backward pass, and dropout on the attention weights.
@@ -324,6 +358,12 @@ def _dropout(weights: np.ndarray, p: float, rng: np.random.Generator | None) -> 
         raise TypeError(f"scaled_dot_product_attention: rng must be a np.random.Generator, got {type(rng).__name__}")
     keep = rng.random(weights.shape) >= p  # (..., T, S) bool: True with probability 1 - p
     return np.where(keep, weights / (1 - p), 0)  # (..., T, S); p is a Python float: float32 stays float32
+
+
+def _repeat_kv_vjp(d_x: np.ndarray, n_rep: int) -> np.ndarray:
+    """The backward of repeat_kv: each kv head gets the sum of its group's gradients, (B, H, S, D) -> (B, Hkv, S, D)."""
+    b, h, s, d = d_x.shape
+    return d_x.reshape(b, h // n_rep, n_rep, s, d).sum(axis=2)  # (B, Hkv, n_rep, S, D) -> (B, Hkv, S, D)
 
 
 def _linear_vjp(x: np.ndarray, w: np.ndarray, d_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

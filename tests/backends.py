@@ -57,11 +57,16 @@ def project(w: mha.Weights, x: np.ndarray, which: str) -> np.ndarray:
 # The three built-in layers, each loaded with the same mha.Weights and fed our mask.
 
 def torch_sdpa_mha(w: mha.Weights, x_q, x_k, x_v, mask=None) -> np.ndarray:
-    """Projections by hand, then torch's fused F.scaled_dot_product_attention (bool mask: True = attend)."""
-    to_heads = lambda a: mha.torch.split_heads(torch.from_numpy(a.astype(np.float32)), w.num_heads)
-    q, k, v = (to_heads(project(w, x, n)) for x, n in ((x_q, "q"), (x_k, "k"), (x_v, "v")))
+    """Projections by hand, then torch's fused F.scaled_dot_product_attention (bool mask: True = attend).
+
+    Grouped-query weights (num_kv_heads < num_heads) go in as Hkv key/value heads with enable_gqa=True.
+    """
+    to_heads = lambda a, h: mha.torch.split_heads(torch.from_numpy(a.astype(np.float32)), h)
+    q = to_heads(project(w, x_q, "q"), w.num_heads)  # (B, H, T, D)
+    k, v = (to_heads(project(w, x, n), w.num_kv_heads) for x, n in ((x_k, "k"), (x_v, "v")))  # (B, Hkv, S, D)
     attn_mask = None if mask is None else torch.from_numpy(np.asarray(mask))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, D)
+    gqa = w.num_kv_heads != w.num_heads
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)  # (B, H, T, D)
     return project(w, mha.torch.merge_heads(out).numpy(), "o").astype(np.float32)
 
 
