@@ -28,6 +28,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
+    "repeat_kv",
     "MultiHeadAttention",
     "to_builtin",
     "to_builtin_mask",
@@ -193,6 +194,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)  # (B, H, T, D) -> (B, T, H, D) -> (B, T, E)
 
 
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D): each key/value head repeated for its group of query heads.
+
+    Query head h reads kv head h // n_rep, the layout ``F.scaled_dot_product_attention(enable_gqa=True)``
+    uses, einops 'b g s d -> b (g r) s d' (chapter 12).
+    """
+    _tensor("repeat_kv", "x", x)
+    _checks.check_repeat_kv(_shape(x), n_rep)
+    return x.repeat_interleave(n_rep, dim=1)  # (B, Hkv, S, D) -> (B, Hkv * n_rep, S, D)
+
+
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.ascontiguousarray(a))
 
@@ -204,18 +216,24 @@ class MultiHeadAttention(nn.Module):
     of the (E, E) matrix ``w`` in ``mha.Weights``. Called as
     ``(query, key=None, value=None, mask=None)``: key defaults to query and
     value to key. Returns (out (B, T, E), weights (B, H, T, S)).
+    ``num_kv_heads`` (Hkv, dividing H) makes it grouped-query attention: ``k_proj`` and
+    ``v_proj`` give Hkv * D features, shared by groups of H / Hkv query heads (Hkv = 1:
+    multi-query); None is plain multi-head attention, the same modules and shapes.
     """
 
-    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0):
+    def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0,
+                 num_kv_heads: int | None = None):
         super().__init__()
         _checks.check_positive_int("d_model", d_model)
         _checks.check_positive_int("num_heads", num_heads)
         _checks.check_heads(d_model, num_heads)
         self.d_model, self.num_heads = d_model, num_heads
+        self.num_kv_heads = _checks.check_kv_heads(num_heads, num_kv_heads)  # Hkv; None -> H
         self.dropout = _checks.check_dropout("MultiHeadAttention", dropout)  # on the weights, in .train() only
+        kv = self.num_kv_heads * (d_model // num_heads)  # Hkv * D: E for plain multi-head attention
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, kv, bias=bias)
+        self.v_proj = nn.Linear(d_model, kv, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _projections(self) -> tuple[nn.Linear, ...]:
@@ -241,10 +259,11 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             _tensor(where, "mask", mask)
             _checks.check_mask(where, _shape(mask), _dtype(mask), (b, self.num_heads, t, s), "(B, H, T, S)")
-        h = self.num_heads
+        h, g = self.num_heads, self.num_kv_heads
         q = split_heads(self.q_proj(query), h)  # (B, T, E) -> (B, H, T, D)
-        k = split_heads(self.k_proj(key), h)  # (B, S, E) -> (B, H, S, D)
-        v = split_heads(self.v_proj(value), h)  # (B, S, E) -> (B, H, S, D)
+        k = split_heads(self.k_proj(key), g)  # (B, S, E) -> (B, Hkv, S, D)
+        v = split_heads(self.v_proj(value), g)  # (B, S, E) -> (B, Hkv, S, D)
+        k, v = repeat_kv(k, h // g), repeat_kv(v, h // g)  # (B, Hkv, S, D) -> (B, H, S, D)
         p = self.dropout if self.training else 0.0  # a module must switch dropout off itself in .eval()
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p)  # (B, H, T, D), (B, H, T, S)
         return self.out_proj(merge_heads(out)), weights  # (B, H, T, D) -> (B, T, E)
@@ -253,11 +272,11 @@ class MultiHeadAttention(nn.Module):
         """The layer's parameters as an ``mha.Weights`` (each ``nn.Linear`` weight transposed back)."""
         ws = [p.weight.detach().cpu().float().numpy().T for p in self._projections()]
         bs = [None if p.bias is None else p.bias.detach().cpu().float().numpy() for p in self._projections()]
-        return Weights(self.num_heads, *ws, *bs)
+        return Weights(self.num_heads, *ws, *bs, num_kv_heads=self.num_kv_heads)
 
     @classmethod
     def from_weights(cls, w: Weights, *, dropout: float = 0.0) -> "MultiHeadAttention":
-        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout)
+        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout, num_kv_heads=w.num_kv_heads)
         with torch.no_grad():
             for proj, w_e, b_e in zip(layer._projections(), (w.w_q, w.w_k, w.w_v, w.w_o), w.biases()):
                 proj.weight.copy_(_from_numpy(w_e.T))  # nn.Linear stores (out, in): the transpose
@@ -275,19 +294,21 @@ class MultiHeadAttention(nn.Module):
         _checks.check_decode_input(self.d_model, _shape(x), _dtype(x))
         if cache is not None:
             _checks.check_cache_type(isinstance(cache, KVCache), cache)
-            expected = (x.shape[0], self.num_heads, self.d_model // self.num_heads)  # Hkv = H until GQA
+            expected = (x.shape[0], self.num_kv_heads, self.d_model // self.num_heads)  # (B, Hkv, D)
             _checks.check_cache(_shape(cache.k), _shape(cache.v), expected, (_dtype(cache.k), _dtype(cache.v)))
-        h = self.num_heads
+        h, g = self.num_heads, self.num_kv_heads
         q = split_heads(self.q_proj(x), h)  # (B, T_new, E) -> (B, H, T_new, D)
-        k = split_heads(self.k_proj(x), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        v = split_heads(self.v_proj(x), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        k = split_heads(self.k_proj(x), g)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        v = split_heads(self.v_proj(x), g)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D): H / Hkv times smaller
         mask = causal_mask(q.shape[2], len(cache), align="bottom-right").to(x.device)  # (T_new, S)
-        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        k, v = repeat_kv(cache.k, h // g), repeat_kv(cache.v, h // g)  # (B, Hkv, S, D) -> (B, H, S, D)
+        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
         return self.out_proj(merge_heads(out)), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_heads={self.num_heads}"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"d_model={self.d_model}, num_heads={self.num_heads}{kv}"
 
 
 # Chapter 9: dropout on the attention weights.
@@ -305,8 +326,14 @@ def to_builtin(w: Weights) -> nn.MultiheadAttention:
 
     Its ``in_proj_weight`` (3E, E) stacks the transposes of w_q, w_k, w_v;
     call it with ``attn_mask=to_builtin_mask(mask, ...)``: its boolean masks
-    mean True = blocked, the opposite of this package.
+    mean True = blocked, the opposite of this package. It has no grouped-query form:
+    for `w` with num_kv_heads < num_heads use ``F.scaled_dot_product_attention(enable_gqa=True)``.
     """
+    if w.num_kv_heads != w.num_heads:
+        raise ValueError(
+            f"to_builtin: nn.MultiheadAttention has no grouped-query form, and w has num_kv_heads="
+            f"{w.num_kv_heads} < num_heads={w.num_heads}: use F.scaled_dot_product_attention(enable_gqa=True)"
+        )
     layer = nn.MultiheadAttention(w.d_model, w.num_heads, bias=w.has_bias, batch_first=True)
     with torch.no_grad():
         layer.in_proj_weight.copy_(_from_numpy(np.concatenate([w.w_q.T, w.w_k.T, w.w_v.T])))  # (3E, E)

@@ -19,7 +19,7 @@ from backends import BACKENDS, project, torch_sdpa_mha
 ATOL = 1e-5
 B, E, H, D = 2, 32, 8, 4
 KV_HEADS = [8, 4, 1]  # H / Hkv = 1 (plain MHA), 2 (grouped-query), 8 (multi-query)
-NAMES = ["numpy"]
+NAMES = ["numpy", "torch"]
 RNG = np.random.default_rng(12)
 
 
@@ -286,3 +286,43 @@ def test_bad_repeat_kv_input_is_refused(name):
         with pytest.raises(error) as info:
             b.module.repeat_kv(b.tensor(arg), n_rep)
         assert type(info.value) is error and word in str(info.value) and "repeat_kv" in str(info.value)
+
+
+# The torch layer
+
+def test_torch_layer_with_num_kv_heads_none_is_the_plain_module():
+    torch.manual_seed(0)
+    plain = mha.torch.MultiHeadAttention(E, H).state_dict()
+    for num_kv_heads in (None, H):
+        torch.manual_seed(0)
+        layer = mha.torch.MultiHeadAttention(E, H, num_kv_heads=num_kv_heads)
+        state = layer.state_dict()
+        assert list(state) == list(plain) and repr(layer) == repr(mha.torch.MultiHeadAttention(E, H))
+        for name, value in state.items():
+            assert torch.equal(value, plain[name]), name
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_torch_layer_and_its_gradients_match_sdpa_enable_gqa_on_its_own_projections(num_kv_heads):
+    """The same nn.Linear modules around F.scaled_dot_product_attention(enable_gqa=True): outputs and grads."""
+    torch.manual_seed(1)
+    layer = mha.torch.MultiHeadAttention(E, H, num_kv_heads=num_kv_heads)
+    assert layer.k_proj.weight.shape == layer.v_proj.weight.shape == (num_kv_heads * D, E)
+    x_q, x_kv = (torch.from_numpy(a) for a in inputs(5, 7, seed=5))
+    mask = torch.from_numpy(make_mask("bool", 5, 7))
+    out, _ = layer(x_q, x_kv, mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    q = mha.torch.split_heads(layer.q_proj(x_q), H)  # (B, H, T, D)
+    k = mha.torch.split_heads(layer.k_proj(x_kv), num_kv_heads)  # (B, Hkv, S, D)
+    v = mha.torch.split_heads(layer.v_proj(x_kv), num_kv_heads)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    expected = layer.out_proj(mha.torch.merge_heads(o))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+def test_torch_to_builtin_refuses_gqa_weights():
+    with pytest.raises(ValueError, match="num_kv_heads=2 < num_heads=8.*enable_gqa"):
+        mha.torch.to_builtin(mha.Weights.random(E, H, num_kv_heads=2))
