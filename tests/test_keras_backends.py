@@ -3,7 +3,8 @@
 Every other test runs Keras on TensorFlow (tests/conftest.py). Keras picks its backend once, at
 import, so each other backend gets a pytest subprocess of its own with KERAS_BACKEND set; it runs
 the tests whose names say keras (our layer and functions against keras.layers.MultiHeadAttention,
-the NumPy reference, the error table and the position table) plus the parametrized all-implementations table, which
+the NumPy reference, the error table, the position table, RoPE and the sliding window with
+Keras's own sliding_window) plus the parametrized all-implementations table, which
 includes keras.layers.MultiHeadAttention on that backend. The hypothesis property tests stay on
 TensorFlow only, to keep `make test` short.
 """
@@ -20,7 +21,8 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FILES = ["tests/test_agreement.py", "tests/test_numerics.py", "tests/test_errors.py", "tests/test_positions.py"]
+FILES = ["tests/test_agreement.py", "tests/test_numerics.py", "tests/test_errors.py", "tests/test_positions.py",
+         "tests/test_rope.py", "tests/test_sliding_window.py"]
 SELECT = "keras or largest_differences or all_implementations_agree"
 # JAX compiles each new shape on its first eager call (about 0.5 s a case here): of the
 # all-implementations table it runs the four-head half, which keeps every mask and T/S case.

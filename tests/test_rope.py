@@ -235,3 +235,18 @@ def test_bad_input_raises_clearly(backend, x, positions, base, exc, fragments):
     assert type(info.value) is exc, f"{backend} raised {type(info.value).__name__}: {info.value}"
     missing = [f for f in fragments if f not in str(info.value)]
     assert not missing, f"{backend}: message lacks {missing}: {info.value}"
+
+
+def test_keras_rope_needs_a_numpy_table_on_jax():
+    """Why mha.keras.rope builds cos/sin from NumPy's float64 angles: Keras 3.15.1's JAX backend
+    (JAX_ENABLE_X64 on, as in test_keras_backends.py) computes ops.sin of a float64 tensor in float32."""
+    import keras
+
+    angle = keras.ops.convert_to_tensor(np.array([8192.0, 8192.0 * 10000 ** -0.5]))
+    assert keras.backend.standardize_dtype(angle.dtype) == "float64" or keras.backend.backend() == "jax"
+    got = keras.backend.standardize_dtype(keras.ops.sin(angle).dtype)
+    assert got == ("float32" if keras.backend.backend() == "jax" else "float64"), (keras.backend.backend(), got)
+    # and the rotation is still right there, at position 8192
+    x = np.float32([[1, 0, 0, 0]])
+    y = run("keras", x, np.array([8192]))
+    np.testing.assert_allclose(y, complex_formula(x, [8192]), rtol=0, atol=1e-7)
