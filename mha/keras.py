@@ -30,6 +30,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "split_heads",
     "merge_heads",
+    "repeat_kv",
     "MultiHeadAttention",
     "to_builtin",
     "to_builtin_mask",
@@ -205,6 +206,17 @@ def merge_heads(x):
     return ops.reshape(x, (b, t, h * d))  # (B, T, H, D) -> (B, T, E)
 
 
+def repeat_kv(x, n_rep: int):
+    """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D): each key/value head repeated for its group of query heads.
+
+    Query head h reads kv head h // n_rep, torch's ``enable_gqa`` layout and the one
+    ``keras.layers.GroupQueryAttention`` builds with ``ops.repeat``, einops 'b g s d -> b (g r) s d'.
+    """
+    x = _tensor(x)
+    _checks.check_repeat_kv(_shape(x), n_rep)
+    return ops.repeat(x, n_rep, axis=1)  # (B, Hkv, S, D) -> (B, Hkv * n_rep, S, D)
+
+
 def _and(a, b):
     return b if a is None else a if b is None else a & b
 
@@ -231,33 +243,39 @@ class MultiHeadAttention(keras.layers.Layer):
     Called as ``(query, key=None, value=None, mask=None)``: key defaults to
     query and value to key. Returns (out (B, T, E), weights (B, H, T, S)).
     ``get_weights()`` returns an ``mha.Weights`` (not Keras's list of arrays).
+    ``num_kv_heads`` (Hkv, dividing H) makes it grouped-query attention: the key and value
+    kernels are (E, Hkv * D), shared by groups of H / Hkv query heads (Hkv = 1: multi-query);
+    None is plain multi-head attention, the same kernels and config.
     """
 
     _NAMES = ("q", "k", "v", "o")
 
     def __init__(self, d_model: int, num_heads: int, bias: bool = True, *, dropout: float = 0.0, seed=None,
-                 **kwargs):
+                 num_kv_heads: int | None = None, **kwargs):
         super().__init__(**kwargs)
         _checks.check_positive_int("d_model", d_model)
         _checks.check_positive_int("num_heads", num_heads)
         _checks.check_heads(d_model, num_heads)
         self.d_model, self.num_heads, self.bias = d_model, num_heads, bias
+        self.num_kv_heads = _checks.check_kv_heads(num_heads, num_kv_heads)  # Hkv; None -> H
         self.dropout, self.seed = _checks.check_dropout("MultiHeadAttention", dropout), seed
         # Dropout draws from the layer's own seed state (a Keras layer must not use the global one while traced).
         self._seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
 
     def build(self, query_shape=None):
         e = self.d_model
+        kv = self.num_kv_heads * (e // self.num_heads)  # Hkv * D: E for plain multi-head attention
+        widths = dict(zip(self._NAMES, (e, kv, kv, e)))  # the output width of each projection
         self.kernels = [
-            self.add_weight(name=f"w_{n}", shape=(e, e), initializer="glorot_uniform") for n in self._NAMES
+            self.add_weight(name=f"w_{n}", shape=(e, widths[n]), initializer="glorot_uniform") for n in self._NAMES
         ]
         self.biases = [
-            self.add_weight(name=f"b_{n}", shape=(e,), initializer="zeros") if self.bias else None
+            self.add_weight(name=f"b_{n}", shape=(widths[n],), initializer="zeros") if self.bias else None
             for n in self._NAMES
         ]
 
     def _linear(self, x, i: int):
-        y = ops.matmul(x, self.kernels[i])  # (B, T, E) @ (E, E) -> (B, T, E)
+        y = ops.matmul(x, self.kernels[i])  # (B, T, E) @ (E, E or Hkv * D) -> (B, T, E or Hkv * D)
         return y if self.biases[i] is None else y + self.biases[i]
 
     def __call__(self, query, key=None, value=None, mask=None, **kwargs):
@@ -282,10 +300,11 @@ class MultiHeadAttention(keras.layers.Layer):
             mask = _tensor(attention_mask)
             _checks.check_mask("MultiHeadAttention", _shape(mask), _dtype(mask), target, "(B, H, T, S)")
         mask = _and(mask, sequence_mask)
-        h = self.num_heads
+        h, g = self.num_heads, self.num_kv_heads
         q = split_heads(self._linear(query, 0), h)  # (B, T, E) -> (B, H, T, D)
-        k = split_heads(self._linear(key, 1), h)  # (B, S, E) -> (B, H, S, D)
-        v = split_heads(self._linear(value, 2), h)  # (B, S, E) -> (B, H, S, D)
+        k = split_heads(self._linear(key, 1), g)  # (B, S, E) -> (B, Hkv, S, D)
+        v = split_heads(self._linear(value, 2), g)  # (B, S, E) -> (B, Hkv, S, D)
+        k, v = repeat_kv(k, h // g), repeat_kv(v, h // g)  # (B, Hkv, S, D) -> (B, H, S, D)
         p = self.dropout if training else 0.0  # Keras passes training=True inside fit(), None or False otherwise
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout=p, rng=self._seed_generator)
         return self._linear(merge_heads(out), 3), weights  # (B, H, T, D) -> (B, T, E)
@@ -304,22 +323,26 @@ class MultiHeadAttention(keras.layers.Layer):
         _checks.check_decode_input(self.d_model, _shape(x), _dtype(x))
         if cache is not None:
             _checks.check_cache_type(isinstance(cache, KVCache), cache)
-            expected = (x.shape[0], self.num_heads, self.d_model // self.num_heads)  # Hkv = H until GQA
+            expected = (x.shape[0], self.num_kv_heads, self.d_model // self.num_heads)  # (B, Hkv, D)
             _checks.check_cache(_shape(cache.k), _shape(cache.v), expected, (_dtype(cache.k), _dtype(cache.v)))
         if not self.built:
             self.build()
-        h = self.num_heads
+        h, g = self.num_heads, self.num_kv_heads
         q = split_heads(self._linear(x, 0), h)  # (B, T_new, E) -> (B, H, T_new, D)
-        k = split_heads(self._linear(x, 1), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        v = split_heads(self._linear(x, 2), h)  # (B, T_new, E) -> (B, Hkv, T_new, D)
-        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D)
+        k = split_heads(self._linear(x, 1), g)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        v = split_heads(self._linear(x, 2), g)  # (B, T_new, E) -> (B, Hkv, T_new, D)
+        cache = KVCache(k, v) if cache is None else cache.append(k, v)  # (B, Hkv, S, D): H / Hkv times smaller
         mask = causal_mask(q.shape[2], len(cache), align="bottom-right")  # (T_new, S)
-        out, weights = scaled_dot_product_attention(q, cache.k, cache.v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
+        k, v = repeat_kv(cache.k, h // g), repeat_kv(cache.v, h // g)  # (B, Hkv, S, D) -> (B, H, S, D)
+        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T_new, D), (B, H, T_new, S)
         return self._linear(merge_heads(out), 3), weights, cache  # (B, H, T_new, D) -> (B, T_new, E)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias,
-                "dropout": self.dropout, "seed": self.seed}
+        config = {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads, "bias": self.bias,
+                  "dropout": self.dropout, "seed": self.seed}
+        if self.num_kv_heads != self.num_heads:  # only for GQA: a plain layer's config stays as it was
+            config["num_kv_heads"] = self.num_kv_heads
+        return config
 
     def get_weights(self) -> Weights:
         """The layer's parameters as an ``mha.Weights``."""
@@ -327,11 +350,11 @@ class MultiHeadAttention(keras.layers.Layer):
             self.build()
         ws = [_numpy(k) for k in self.kernels]
         bs = [None if b is None else _numpy(b) for b in self.biases]
-        return Weights(self.num_heads, *ws, *bs)
+        return Weights(self.num_heads, *ws, *bs, num_kv_heads=self.num_kv_heads)
 
     @classmethod
     def from_weights(cls, w: Weights, *, dropout: float = 0.0, seed=None) -> "MultiHeadAttention":
-        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout, seed=seed)
+        layer = cls(w.d_model, w.num_heads, bias=w.has_bias, dropout=dropout, seed=seed, num_kv_heads=w.num_kv_heads)
         layer.build()
         for kernel, bias, w_e, b_e in zip(layer.kernels, layer.biases, (w.w_q, w.w_k, w.w_v, w.w_o), w.biases()):
             kernel.assign(w_e)
@@ -353,22 +376,28 @@ def _dropout(weights, p: float, rng):
     return ops.where(noise >= p, weights / (1 - p), ops.zeros_like(weights))  # kept with probability 1 - p
 
 
-def to_builtin(w: Weights) -> keras.layers.MultiHeadAttention:
+def to_builtin(w: Weights) -> keras.layers.MultiHeadAttention | keras.layers.GroupQueryAttention:
     """A built ``keras.layers.MultiHeadAttention`` carrying exactly `w`.
 
     Its kernels split the head axis out: query/key/value (E, H, D), output
     (H, D, E). Call it as ``layer(query, value, key, attention_mask=...)``:
-    value comes second.
+    value comes second. For `w` with num_kv_heads < num_heads it is a built
+    ``keras.layers.GroupQueryAttention``, called the same way: key/value kernels
+    (E, Hkv, D), each kv head repeated for H / Hkv query heads (chapter 12).
     """
-    e, h, d = w.d_model, w.num_heads, w.head_dim
-    layer = keras.layers.MultiHeadAttention(num_heads=h, key_dim=d, use_bias=w.has_bias)
+    e, h, g, d = w.d_model, w.num_heads, w.num_kv_heads, w.head_dim
+    if g == h:
+        layer = keras.layers.MultiHeadAttention(num_heads=h, key_dim=d, use_bias=w.has_bias)
+    else:
+        layer = keras.layers.GroupQueryAttention(head_dim=d, num_query_heads=h, num_key_value_heads=g,
+                                                 use_bias=w.has_bias)
     layer.build(query_shape=(None, None, e), value_shape=(None, None, e))
     b_q, b_k, b_v, b_o = w.biases()
     dense = (layer._query_dense, layer._key_dense, layer._value_dense)
-    for part, w_e, b_e in zip(dense, (w.w_q, w.w_k, w.w_v), (b_q, b_k, b_v)):
-        part.kernel.assign(w_e.reshape(e, h, d))  # (E, E) -> (E, H, D)
+    for part, w_e, b_e, heads in zip(dense, (w.w_q, w.w_k, w.w_v), (b_q, b_k, b_v), (h, g, g)):
+        part.kernel.assign(w_e.reshape(e, heads, d))  # (E, E) -> (E, H, D); (E, Hkv * D) -> (E, Hkv, D)
         if w.has_bias:
-            part.bias.assign(b_e.reshape(h, d))  # (E,) -> (H, D)
+            part.bias.assign(b_e.reshape(heads, d))  # (E,) -> (H, D); (Hkv * D,) -> (Hkv, D)
     layer._output_dense.kernel.assign(w.w_o.reshape(h, d, e))  # (E, E) -> (H, D, E)
     if w.has_bias:
         layer._output_dense.bias.assign(b_o)

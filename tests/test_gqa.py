@@ -14,12 +14,12 @@ import torch
 
 import mha
 import mha.numpy as mnp
-from backends import BACKENDS, project, torch_sdpa_mha
+from backends import BACKENDS, keras_builtin_mha, project, torch_sdpa_mha
 
 ATOL = 1e-5
 B, E, H, D = 2, 32, 8, 4
 KV_HEADS = [8, 4, 1]  # H / Hkv = 1 (plain MHA), 2 (grouped-query), 8 (multi-query)
-NAMES = ["numpy", "torch"]
+NAMES = ["numpy", "torch", "keras"]
 RNG = np.random.default_rng(12)
 
 
@@ -326,3 +326,87 @@ def test_torch_layer_and_its_gradients_match_sdpa_enable_gqa_on_its_own_projecti
 def test_torch_to_builtin_refuses_gqa_weights():
     with pytest.raises(ValueError, match="num_kv_heads=2 < num_heads=8.*enable_gqa"):
         mha.torch.to_builtin(mha.Weights.random(E, H, num_kv_heads=2))
+
+
+# keras.layers.GroupQueryAttention, loaded by mha.keras.to_builtin
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_keras_to_builtin_gives_a_built_group_query_attention_carrying_w(num_kv_heads, bias):
+    w = mha.Weights.random(E, H, bias=bias, seed=10, num_kv_heads=num_kv_heads)
+    layer = mha.keras.to_builtin(w)
+    assert isinstance(layer, keras.layers.GroupQueryAttention) and layer.built
+    assert (layer.head_dim, layer.num_query_heads, layer.num_key_value_heads) == (D, H, num_kv_heads)
+    # Its layout: query (E, H, D), key and value (E, Hkv, D), output (H, D, E); biases (H, D), (Hkv, D), (E,).
+    parts = {"q": layer._query_dense, "k": layer._key_dense, "v": layer._value_dense, "o": layer._output_dense}
+    heads = {"q": (E, H, D), "k": (E, num_kv_heads, D), "v": (E, num_kv_heads, D), "o": (H, D, E)}
+    for n, part in parts.items():
+        arrays = part.get_weights()  # Keras's own list: [kernel] or [kernel, bias], as NumPy arrays
+        assert len(arrays) == (2 if bias else 1)
+        np.testing.assert_array_equal(arrays[0], getattr(w, f"w_{n}").reshape(heads[n]))
+        if bias:
+            np.testing.assert_array_equal(arrays[1].reshape(-1), getattr(w, f"b_{n}"))
+            assert arrays[1].shape == ((E,) if n == "o" else heads[n][1:])
+    n_ours = sum(a.size for a in (w.w_q, w.w_k, w.w_v, w.w_o, w.b_q, w.b_k, w.b_v, w.b_o) if a is not None)
+    assert layer.count_params() == n_ours
+
+
+def test_keras_to_builtin_keeps_multi_head_attention_when_num_kv_heads_is_h():
+    assert type(mha.keras.to_builtin(mha.Weights.random(E, H, num_kv_heads=H))) is keras.layers.MultiHeadAttention
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("num_kv_heads", KV_HEADS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "padding", "causal"])
+@pytest.mark.parametrize("t, s", [(6, 6), (5, 7)], ids=["self", "cross"])
+def test_gqa_layer_matches_keras_group_query_attention(name, num_kv_heads, bias, mask_kind, t, s):
+    """Keras's layer: the same mask meaning (True = may attend, (B, T, S)) and scores (B, H, T, S)."""
+    w = mha.Weights.random(E, H, bias=bias, seed=20 + num_kv_heads, num_kv_heads=num_kv_heads)
+    x_q, x_kv = inputs(t, s, seed=t + s + 1)
+    mask = make_mask(mask_kind, t, s)
+    out, weights = BACKENDS[name].mha(w, x_q, x_kv, x_kv, mask=mask)
+    keras_out, keras_scores = keras_builtin_mha(w, x_q, x_kv, x_kv, mask)
+    assert keras_scores.shape == weights.shape == (B, H, t, s)
+    np.testing.assert_allclose(out, keras_out, atol=ATOL)
+    np.testing.assert_allclose(weights, keras_scores, atol=ATOL)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_keras_group_query_attention_fused_path_agrees_too(num_kv_heads):
+    """Without return_attention_scores Keras takes ops.dot_product_attention: the same output."""
+    w = mha.Weights.random(E, H, seed=30, num_kv_heads=num_kv_heads)
+    x_q, x_kv = inputs(5, 7, seed=7)
+    mask = make_mask("bool", 5, 7)
+    layer = mha.keras.to_builtin(w)
+    fused = layer(x_q, x_kv, attention_mask=mha.keras.to_builtin_mask(mask, B, 5, 7))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused), torch_sdpa_mha(w, x_q, x_kv, x_kv, mask), atol=ATOL)
+
+
+def test_keras_group_query_attention_on_a_fully_masked_row():
+    """A query that may attend nothing: zero weights on Keras's scores path, as ours; uniform on its fused path."""
+    w = mha.Weights.random(E, H, seed=31, num_kv_heads=2)
+    x = inputs(3, 3)[0]
+    keep = np.ones((B, 3, 3), bool)
+    keep[0, 1] = False  # query 1 of sequence 0 may attend no key
+    layer = mha.keras.to_builtin(w)
+    out, scores = (keras.ops.convert_to_numpy(a) for a in layer(x, x, attention_mask=keep, return_attention_scores=True))
+    fused = keras.ops.convert_to_numpy(layer(x, x, attention_mask=keep))
+    ours, weights = mnp.MultiHeadAttention.from_weights(w)(x, mask=keep[:, None])
+    assert not scores[0, :, 1].any() and not weights[0, :, 1].any()
+    np.testing.assert_allclose(out, ours, atol=ATOL)
+    v = project(w, x, "v").reshape(B, 3, 2, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
+    uniform = np.repeat(v.mean(axis=2), H // 2, axis=1).reshape(B, E)  # every key weighted 1/S
+    expected = project(w, uniform[:, None], "o")[:, 0]
+    np.testing.assert_allclose(fused[0, 1], expected[0], atol=ATOL)
+    np.testing.assert_allclose(fused[1], ours[1], atol=ATOL)  # the rows with keys agree
+
+
+def test_keras_layer_config_names_num_kv_heads_only_for_gqa():
+    plain = mha.keras.MultiHeadAttention(E, H, name="attn").get_config()
+    assert "num_kv_heads" not in plain
+    assert mha.keras.MultiHeadAttention(E, H, num_kv_heads=None, name="attn").get_config() == plain
+    assert mha.keras.MultiHeadAttention(E, H, num_kv_heads=H, name="attn").get_config() == plain
+    config = mha.keras.MultiHeadAttention(E, H, num_kv_heads=2).get_config()
+    assert config["num_kv_heads"] == 2
+    assert mha.keras.MultiHeadAttention.from_config(config).num_kv_heads == 2
