@@ -341,7 +341,7 @@ def test_keras_to_builtin_gives_a_built_group_query_attention_carrying_w(num_kv_
     parts = {"q": layer._query_dense, "k": layer._key_dense, "v": layer._value_dense, "o": layer._output_dense}
     heads = {"q": (E, H, D), "k": (E, num_kv_heads, D), "v": (E, num_kv_heads, D), "o": (H, D, E)}
     for n, part in parts.items():
-        arrays = part.get_weights()  # Keras's own list: [kernel] or [kernel, bias], as NumPy arrays
+        arrays = [mha.keras._numpy(v) for v in part.weights]  # [kernel] or [kernel, bias]
         assert len(arrays) == (2 if bias else 1)
         np.testing.assert_array_equal(arrays[0], getattr(w, f"w_{n}").reshape(heads[n]))
         if bias:
@@ -355,21 +355,24 @@ def test_keras_to_builtin_keeps_multi_head_attention_when_num_kv_heads_is_h():
     assert type(mha.keras.to_builtin(mha.Weights.random(E, H, num_kv_heads=H))) is keras.layers.MultiHeadAttention
 
 
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "padding", "causal"])
 @pytest.mark.parametrize("t, s", [(6, 6), (5, 7)], ids=["self", "cross"])
-def test_gqa_layer_matches_keras_group_query_attention(name, num_kv_heads, bias, mask_kind, t, s):
+def test_the_three_backends_match_keras_group_query_attention(num_kv_heads, bias, mask_kind, t, s):
     """Keras's layer: the same mask meaning (True = may attend, (B, T, S)) and scores (B, H, T, S)."""
     w = mha.Weights.random(E, H, bias=bias, seed=20 + num_kv_heads, num_kv_heads=num_kv_heads)
     x_q, x_kv = inputs(t, s, seed=t + s + 1)
     mask = make_mask(mask_kind, t, s)
-    out, weights = BACKENDS[name].mha(w, x_q, x_kv, x_kv, mask=mask)
     keras_out, keras_scores = keras_builtin_mha(w, x_q, x_kv, x_kv, mask)
-    assert keras_scores.shape == weights.shape == (B, H, t, s)
-    np.testing.assert_allclose(out, keras_out, atol=ATOL)
-    np.testing.assert_allclose(weights, keras_scores, atol=ATOL)
+    results = {name: BACKENDS[name].mha(w, x_q, x_kv, x_kv, mask=mask) for name in NAMES}
+    for out, weights in results.values():
+        assert keras_scores.shape == weights.shape == (B, H, t, s)
+        np.testing.assert_allclose(out, keras_out, atol=ATOL)
+        np.testing.assert_allclose(weights, keras_scores, atol=ATOL)
+    for out, weights in results.values():  # and each other
+        np.testing.assert_allclose(out, results["numpy"][0], atol=ATOL)
+        np.testing.assert_allclose(weights, results["numpy"][1], atol=ATOL)
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 1])

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FILES = ["tests/test_agreement.py", "tests/test_numerics.py", "tests/test_errors.py", "tests/test_positions.py",
-         "tests/test_rope.py", "tests/test_sliding_window.py"]
+         "tests/test_rope.py", "tests/test_sliding_window.py", "tests/test_gqa.py"]
 SELECT = "keras or largest_differences or all_implementations_agree"
 # JAX compiles each new shape on its first eager call (about 0.5 s a case here): of the
 # all-implementations table it runs the four-head half, which keeps every mask and T/S case.
