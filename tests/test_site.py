@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import threading
 import urllib.parse
 
@@ -28,15 +29,13 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from screenshots import LOAD_ALL_IMAGES_JS, MODES  # noqa: E402  (the modes make screenshots uses too)
+
 CHROMIUM_ARGS = [  # no background traffic of Chromium's own: only the page's requests remain
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-DESKTOP, PHONE = (1366, 900), (390, 844)
-MODES = {  # name: (viewport, colour mode)
-    "desktop-light": (DESKTOP, "light"), "desktop-dark": (DESKTOP, "dark"),
-    "phone-light": (PHONE, "light"), "phone-dark": (PHONE, "dark"),
-}
 FIRST_VISIT_BYTES = 1_500_000  # transferred by a first visit of a chapter page (nothing cached; text gzipped)
 SITE_BYTES = 20_000_000  # the whole of _build/html (15.2 MB measured with 15 chapters)
 MIN_PIXEL_RATIO = 1.5  # a figure's natural width over its drawn width on desktop
@@ -100,12 +99,6 @@ SURVEY_JS = r"""() => {
     mathText: Array.from(document.querySelectorAll("mjx-assistive-mml")).map((e) => e.textContent),
   };
 }"""
-
-
-LOAD_ALL_IMAGES_JS = """() => Promise.all(Array.from(document.images).map((img) => {
-  img.loading = "eager";
-  return img.complete && img.naturalWidth ? true : new Promise((ok) => { img.onload = img.onerror = ok; });
-}))"""
 
 
 def chromium() -> str:

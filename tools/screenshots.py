@@ -18,14 +18,15 @@ import shutil
 import sys
 import threading
 
-from playwright.sync_api import sync_playwright
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 OUT = ROOT / "_build" / "screenshots" / "full"
-MODES = {"desktop-light": (1366, 900, "light"), "desktop-dark": (1366, 900, "dark"),
-         "phone-light": (390, 844, "light"), "phone-dark": (390, 844, "dark")}
-LOAD_ALL_IMAGES = """() => Promise.all(Array.from(document.images).map((img) => {
+DESKTOP, PHONE = (1366, 900), (390, 844)  # the widths tests/test_site.py reads the site at, too
+MODES = {  # name: (viewport, colour mode)
+    "desktop-light": (DESKTOP, "light"), "desktop-dark": (DESKTOP, "dark"),
+    "phone-light": (PHONE, "light"), "phone-dark": (PHONE, "dark"),
+}
+LOAD_ALL_IMAGES_JS = """() => Promise.all(Array.from(document.images).map((img) => {
   img.loading = "eager";
   return img.complete && img.naturalWidth ? true : new Promise((ok) => { img.onload = img.onerror = ok; });
 }))"""
@@ -37,6 +38,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def main() -> None:
+    from playwright.sync_api import sync_playwright  # here: tests/test_site.py imports this module's constants
+
     if not HTML.exists():
         sys.exit("no _build/html: run `make book` first")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -50,14 +53,14 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         for page_file in sorted((HTML / "chapters").glob("*.html")):
-            for mode, (width, height, colour) in MODES.items():
+            for mode, ((width, height), colour) in MODES.items():
                 context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=colour,
                                               is_mobile=width < 600, has_touch=width < 600, device_scale_factor=1)
                 context.add_init_script(f"localStorage.setItem('mode', '{colour}');")
                 page = context.new_page()
                 page.goto(base + page_file.name, wait_until="load")
                 page.evaluate("() => window.MathJax?.startup?.promise")
-                page.evaluate(LOAD_ALL_IMAGES)
+                page.evaluate(LOAD_ALL_IMAGES_JS)
                 page.screenshot(path=str(OUT / f"{page_file.stem}-{mode}.png"), full_page=True)
                 context.close()
         browser.close()
