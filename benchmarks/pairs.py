@@ -8,7 +8,7 @@ things, on the same weights and inputs:
 | torch | `mha.torch.MultiHeadAttention` | `nn.MultiheadAttention(need_weights=True, average_attn_weights=False)` |
 | keras | `mha.keras.MultiHeadAttention` | `keras.layers.MultiHeadAttention(return_attention_scores=True)` |
 | numpy | `mha.numpy.MultiHeadAttention` | the same `nn.MultiheadAttention` weights path |
-| attention | `mha.numpy.threaded_attention` (no weights) | `F.scaled_dot_product_attention` alone |
+| attention | `mha.numpy.fixed_shift_attention` (no weights) | `F.scaled_dot_product_attention` alone |
 
 The three layer rows run at B=4, T=512 and B=1, T=2048 (E=512, H=8, float32,
 self-attention), without a mask and with a causal one; every layer returns
@@ -138,7 +138,7 @@ def make_numpy_floor(case: Case, exp_and_sum: bool):
 
 def make_numpy_attention(case: Case):
     q, k, v = case.qkv()
-    return lambda: mha.numpy.threaded_attention(q, k, v)
+    return lambda: mha.numpy.fixed_shift_attention(q, k, v)
 
 
 def make_sdpa(case: Case):
@@ -163,7 +163,7 @@ IMPLEMENTATIONS = {
     "mha.numpy": (make_mha_numpy, LAYER_CASES),
     "floor: NumPy products": (lambda c: make_numpy_floor(c, False), [c for c in LAYER_CASES if not c.causal]),
     "floor: + exp, row sums": (lambda c: make_numpy_floor(c, True), [c for c in LAYER_CASES if not c.causal]),
-    "mha.numpy.threaded_attention": (make_numpy_attention, ATTENTION_CASES),
+    "mha.numpy.fixed_shift_attention": (make_numpy_attention, ATTENTION_CASES),
     "F.scaled_dot_product_attention": (make_sdpa, ATTENTION_CASES),
 }
 
@@ -181,7 +181,7 @@ ROWS = [
     Row("mha.torch", "nn.MultiheadAttention", 1.1, 1.2),
     Row("mha.keras", "keras MultiHeadAttention", 1.1, 1.2),
     Row("mha.numpy", "nn.MultiheadAttention", 1.25, 1.5),
-    Row("mha.numpy.threaded_attention", "F.scaled_dot_product_attention", 1.1, 64, beyond_output=True),
+    Row("mha.numpy.fixed_shift_attention", "F.scaled_dot_product_attention", 1.1, 64, beyond_output=True),
 ]
 FLOORS = ["floor: NumPy products", "floor: + exp, row sums"]  # context for the numpy row: timed, no limit
 

@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mha import Weights, _checks
 
@@ -37,6 +38,7 @@ __all__ = [
     "fast_scaled_dot_product_attention",
     "tiled_attention",
     "threaded_attention",
+    "fixed_shift_attention",
 ]
 
 
@@ -693,15 +695,85 @@ def threaded_attention(query, key, value, mask=None, block_size: int = 512, key_
         mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
     out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
 
-    def attend(tile):
-        head, rows = tile  # one head's (Tb, D) queries, against all of that head's S keys
+    def attend(head, rows):  # one head's (Tb, D) queries, against all of that head's S keys
         tile_mask = None if mask is None else mask[head][rows]
         out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, key_block_size)
 
-    tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        list(pool.map(attend, tiles))  # list(): re-raises here any error raised in a tile
+    _run_tiles(attend, batch, t, block_size, workers)
     return out
+
+
+def _run_tiles(attend, batch, t: int, block_size: int, workers: int | None) -> None:
+    """Calls attend(head, rows) for every head and every `block_size` rows of it, on `workers` threads.
+
+    OpenBLAS runs its own threads, one per core, inside each matrix product: with our
+    threads on every core as well, the two kinds take turns on the same cores and a
+    product waits for the other workers' exps. Inside the pool each product runs on
+    its caller's thread only (threadpoolctl sets OpenBLAS's count, and restores it).
+    """
+    tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(lambda tile: attend(*tile), tiles))  # list(): re-raises here any error raised in a tile
+
+
+def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, key_block_size: int = 512,
+                          workers: int | None = None) -> np.ndarray:
+    """threaded_attention's contract and result, with each query's shift known before its scores (chapter 13).
+
+    Any shift c leaves softmax unchanged: exp(s - c) / sum(exp(s - c)). The online
+    softmax takes c = the running max and rescales whenever it grows. Here c is fixed
+    in advance by Cauchy-Schwarz, q_i . k_j / sqrt(D) <= |q_i| max_j |k_j| / sqrt(D),
+    so no score exceeds it: exp(s - c) <= 1 never overflows, nothing is rescaled, and
+    a block of keys costs two products and one exp. The shift rides in the first
+    product as one more column, (q, -c) @ (k, 1)^T = q k^T - c, and the exps are
+    exp2's, log2(e) folded into the scale as FlashAttention does (exp2 is the cheaper).
+    A bound far above a row's scores makes its exps underflow: rows whose sum ends
+    below sqrt(tiny) (2**-63 in float32; each exp is <= 1, so even the largest is then
+    tiny) are recomputed with the running max of `_attend_query_tile`.
+    """
+    q, k, v, mask, scores_shape = _attention_inputs("fixed_shift_attention", query, key, value, mask)
+    _checks.check_positive_int("block_size", block_size)
+    _checks.check_positive_int("key_block_size", key_block_size)
+    *batch, t, s = scores_shape
+    q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
+    k_norm = np.sqrt(np.max(np.sum(k * k, axis=-1), axis=-1))  # (...,): each head's longest key
+    k1 = np.concatenate([k, np.ones_like(k[..., :1])], axis=-1)  # (..., S, D + 1): a column of ones
+    v = np.ascontiguousarray(v)
+    if mask is not None:
+        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
+    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+
+    def attend(head, rows):  # one head's (Tb, D) queries, against all of that head's S keys
+        tile_mask = None if mask is None else mask[head][rows]
+        qt = q[head][rows] * (math.log2(math.e) / math.sqrt(q.shape[-1]))  # (Tb, D): scores in base 2
+        c = np.sqrt(np.sum(qt * qt, axis=-1, keepdims=True)) * k_norm[head]  # (Tb, 1): >= every score
+        acc, l = _attend_with_shift(np.concatenate([qt, -c], axis=-1), k1[head], v[head], tile_mask,
+                                    key_block_size)
+        low = l[:, 0] < np.sqrt(np.finfo(l.dtype).tiny)  # 2**-63 in float32: exps underflowed, or no key
+        if low.any():
+            acc[low] = _attend_query_tile(q[head][rows][low], k[head], v[head],
+                                          None if mask is None else tile_mask[low], key_block_size)
+            l[low] = 1
+        out[head][rows] = acc / l
+
+    _run_tiles(attend, batch, t, block_size, workers)
+    return out
+
+
+def _attend_with_shift(q1, k1, v, mask, block_size: int):
+    """Sums exp(s - c) @ v and exp(s - c) over the keys, block by block, for q1 = (q, -c) and k1 = (k, 1)."""
+    acc = np.zeros((*q1.shape[:-1], v.shape[-1]), dtype=v.dtype)  # (Tb, Dv)
+    l = np.zeros((*q1.shape[:-1], 1), dtype=v.dtype)  # (Tb, 1)
+    for j in range(0, k1.shape[-2], block_size):
+        cols = slice(j, j + block_size)
+        p = q1 @ k1[cols].T  # (Tb, D + 1) @ (D + 1, Sb) -> (Tb, Sb): the scores minus c, all <= 0
+        if mask is not None:
+            np.copyto(p, -np.inf, where=~mask[:, cols])
+        np.exp2(p, out=p)  # in place, never above 1: 2**(s log2(e)) = e**s
+        l += np.sum(p, axis=-1, keepdims=True)
+        acc += p @ v[cols]  # (Tb, Sb) @ (Sb, Dv) -> (Tb, Dv)
+        del p  # now, not when the next product replaces it: one (Tb, Sb) block at a time
+    return acc, l
 
 
 def _attend_query_tile(q, k, v, mask, block_size: int) -> np.ndarray:

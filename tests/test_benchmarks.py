@@ -45,7 +45,7 @@ def small_cases(names):
 def test_like_for_like_table_on_small_cases():
     """Every torch and NumPy row, memory from child processes, one timed round: the two sides agree."""
     names = ["mha.torch", "nn.MultiheadAttention", "mha.numpy", "floor: NumPy products",
-             "mha.numpy.threaded_attention", "F.scaled_dot_product_attention"]
+             "mha.numpy.fixed_shift_attention", "F.scaled_dot_product_attention"]
     rows = [r for r in pairs.ROWS if r.ours in names]
     lines = []
     got = table.like_for_like(1, lines.append, rows=rows, names=names, cases_of=small_cases(names))

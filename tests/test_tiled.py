@@ -1,19 +1,24 @@
-"""tiled_attention gives scaled_dot_product_attention's output without ever holding the (T, S) weights.
+"""tiled_attention, threaded_attention and fixed_shift_attention give scaled_dot_product_attention's
+output without ever holding the (T, S) weights.
 
 Property tests over random shapes (T != S, broadcast batch axes, block sizes
 that do and do not divide S), masks (padding, causal, random, fully masked
 rows), dtypes and bad inputs; then a tracemalloc check that its peak memory
-stays far below the naive path's (T, S) arrays.
+stays far below the naive path's (T, S) arrays. fixed_shift_attention's
+fallback (a bound so loose that the exps underflow) is counted and checked, and
+the thread pools' matrix products are checked to run on one BLAS thread each.
 """
 
 from __future__ import annotations
 
 import tracemalloc
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_info
 
 from mha import numpy as mnp
 
@@ -56,7 +61,9 @@ def test_tiled_equals_naive(lead, t, s, d, dv, block_size, mask_kind, dtype, see
     naive, weights = mnp.scaled_dot_product_attention(q, k, v, mask)
     empty = ~weights.any(axis=-1)  # (*lead, T): rows that may attend nothing
     for tiled in (mnp.tiled_attention(q, k, v, mask, block_size=block_size),
-                  mnp.threaded_attention(q, k, v, mask, block_size=block_size, key_block_size=block_size + 2, workers=3)):
+                  mnp.threaded_attention(q, k, v, mask, block_size=block_size, key_block_size=block_size + 2, workers=3),
+                  mnp.fixed_shift_attention(q, k, v, mask, block_size=block_size, key_block_size=block_size + 2,
+                                            workers=3)):
         assert tiled.dtype == dtype and tiled.shape == naive.shape == (*lead, t, dv)
         np.testing.assert_allclose(tiled, naive, rtol=0, atol=1e-5)
         assert (tiled[empty] == 0).all() and np.isfinite(tiled).all()
@@ -71,7 +78,7 @@ def test_block_sizes_that_do_and_do_not_divide_s(block_size):
     np.testing.assert_allclose(mnp.tiled_attention(q, k, v, mask, block_size=block_size), naive, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", [mnp.tiled_attention, mnp.threaded_attention])
+@pytest.mark.parametrize("attention", [mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention])
 def test_broadcast_batch_axes_and_inputs_left_untouched(attention):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
@@ -80,20 +87,25 @@ def test_broadcast_batch_axes_and_inputs_left_untouched(attention):
     naive, _ = mnp.scaled_dot_product_attention(q, k, v)
     np.testing.assert_allclose(attention(q, k, v, block_size=3), naive, atol=1e-6)
     np.testing.assert_allclose(mnp.threaded_attention(q, k, v, key_block_size=2), naive, atol=1e-6)
+    np.testing.assert_allclose(mnp.fixed_shift_attention(q, k, v, key_block_size=2), naive, atol=1e-6)
     for a, b in zip((q, k, v), before):
         np.testing.assert_array_equal(a, b)
 
 
 def test_every_row_masked_gives_zeros_not_nan():
     q, k, v = (np.ones((2, n, 4), np.float32) for n in (3, 5, 5))
-    out = mnp.tiled_attention(q, k, v, np.zeros((3, 5), bool), block_size=2)
-    assert (out == 0).all()
+    for attention in (mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention):
+        out = attention(q, k, v, np.zeros((3, 5), bool), block_size=2)
+        assert (out == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_dtype_in_is_dtype_out(dtype):
     q = np.ones((1, 2, 3, 4), dtype)
-    assert mnp.tiled_attention(q, q, q, block_size=2).dtype == dtype
+    for attention in (mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention):
+        out = attention(q, q, q, block_size=2)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, q)  # equal keys, equal weights: the mean of equal values
 
 
 f32 = lambda *shape: np.zeros(shape, np.float32)
@@ -115,7 +127,7 @@ def test_bad_input_raises_what_sdpa_raises(args):
     """The same exception type and the same sentence as scaled_dot_product_attention (naming itself), on entry."""
     with pytest.raises((TypeError, ValueError)) as naive:
         mnp.scaled_dot_product_attention(*args)
-    for name in ("tiled_attention", "threaded_attention"):
+    for name in ("tiled_attention", "threaded_attention", "fixed_shift_attention"):
         with pytest.raises((TypeError, ValueError)) as tiled:
             getattr(mnp, name)(*args)
         assert type(tiled.value) is type(naive.value)
@@ -126,11 +138,12 @@ def test_bad_input_raises_what_sdpa_raises(args):
 @pytest.mark.parametrize("block_size, error", [(0, ValueError), (-4, ValueError), (2.0, TypeError), (True, TypeError)])
 def test_bad_block_size(block_size, error):
     q = np.ones((3, 4), np.float32)
-    for attention in (mnp.tiled_attention, mnp.threaded_attention):
+    for attention in (mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention):
         with pytest.raises(error, match="block_size"):
             attention(q, q, q, block_size=block_size)
-    with pytest.raises(error, match="key_block_size"):
-        mnp.threaded_attention(q, q, q, key_block_size=block_size)
+    for attention in (mnp.threaded_attention, mnp.fixed_shift_attention):
+        with pytest.raises(error, match="key_block_size"):
+            attention(q, q, q, key_block_size=block_size)
 
 
 def peak_bytes(fn) -> int:
@@ -182,12 +195,68 @@ def test_fast_sdpa_equals_the_reference(lead, t, s, d, mask_kind, dtype, seed):
     assert np.array_equal(q_strided, q)  # the caller's input is left alone
 
 
-def test_threaded_memory_is_a_few_blocks_per_worker():
+@pytest.mark.parametrize("attention", [mnp.threaded_attention, mnp.fixed_shift_attention])
+def test_threaded_memory_is_a_few_blocks_per_worker(attention):
     """Two workers, each one (128, 256) block of scores at a time: far below one head's (T, S) scores."""
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 2, 1024, 16)).astype(np.float32) for _ in range(3))
     out_bytes = q.nbytes
-    peak = peak_bytes(lambda: mnp.threaded_attention(q, k, v, block_size=128, key_block_size=256, workers=2))
+    peak = peak_bytes(lambda: attention(q, k, v, block_size=128, key_block_size=256, workers=2))
     block_bytes = 128 * 256 * 4
-    assert peak - out_bytes < 2 * 2 * block_bytes  # per worker: its block and its exp, with room to spare
-    assert peak - out_bytes < 1024 * 1024 * 4 / 8  # an eighth of one head's scores
+    keys_with_ones = k.nbytes * 17 // 16  # fixed_shift_attention's (k, 1): one more column per key
+    extra = keys_with_ones if attention is mnp.fixed_shift_attention else 0
+    assert peak - out_bytes - extra < 2 * 2 * block_bytes  # per worker: its block and its exp, with room to spare
+    assert peak - out_bytes < 1024 * 1024 * 4 / 4  # a quarter of one head's scores
+
+
+def test_fixed_shift_falls_back_to_the_running_max_where_the_bound_is_loose():
+    """Long queries: |q| max|k| / sqrt(D) is hundreds above their best score (no key points their way), exp2 underflows.
+
+    Those rows, and only those, go through _attend_query_tile, and the result is still the reference's.
+    """
+    rng = np.random.default_rng(5)
+    t, d = 64, 16
+    q = rng.standard_normal((2, t, d)).astype(np.float32)
+    q[:, : t // 2] *= 60  # the first half of the queries: bounds near 340 for best scores near 140
+    k, v = (rng.standard_normal((2, t, d)).astype(np.float32) for _ in range(2))
+    naive, _ = mnp.scaled_dot_product_attention(q, k, v)
+    redone = []  # rows per call; list.append is atomic, where a Mock's call count is not across threads
+    real_tile = mnp._attend_query_tile
+
+    def recording_tile(q, *args):
+        redone.append(len(q))
+        return real_tile(q, *args)
+
+    with mock.patch.object(mnp, "_attend_query_tile", recording_tile):
+        out = mnp.fixed_shift_attention(q, k, v, block_size=t, key_block_size=16, workers=2)
+        np.testing.assert_allclose(out, naive, rtol=0, atol=1e-5)
+        assert redone == [t // 2, t // 2]  # one call per head, for its long queries only
+        redone.clear()
+        short = q[:, t // 2:]
+        np.testing.assert_allclose(mnp.fixed_shift_attention(short, k, v, workers=2),
+                                   mnp.scaled_dot_product_attention(short, k, v)[0], rtol=0, atol=1e-5)
+        assert redone == []  # a tight bound: no row falls back
+
+
+@pytest.mark.parametrize("attention", [mnp.threaded_attention, mnp.fixed_shift_attention])
+def test_each_worker_runs_its_products_on_one_blas_thread(attention):
+    """Inside the pool, OpenBLAS runs one thread per call (no contention with the other workers); after, its count is back."""
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+    real_matmul = np.matmul
+
+    def counting_tile(*args):
+        seen.append(blas_threads())
+        return real_tile(*args)
+
+    name = "_attend_query_tile" if attention is mnp.threaded_attention else "_attend_with_shift"
+    real_tile = getattr(mnp, name)
+    q = np.random.default_rng(0).standard_normal((2, 3, 8, 4)).astype(np.float32)
+    with mock.patch.object(mnp, name, counting_tile):
+        attention(q, q, q, block_size=4, workers=2)
+    assert len(seen) == 2 * 3 * 2  # one call per tile: 6 heads x 2 tiles of 4 queries
+    assert all(threads == [1] * len(before) for threads in seen) and before
+    assert blas_threads() == before and real_matmul is np.matmul
