@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -683,65 +684,82 @@ def threaded_attention(query, key, value, mask=None, block_size: int = 512, key_
     the online softmax of `_attend_query_tile`. Every core does exps, not only the one
     a single NumPy call uses; a (512, 512) float32 block of scores is 1 MiB, about one
     core's cache, and large enough that the Python loop costs little. Tiles write
-    disjoint rows of `out`: no locks.
+    disjoint rows of `out`: their writes need no lock.
     """
-    q, k, v, mask, scores_shape = _attention_inputs("threaded_attention", query, key, value, mask)
-    _checks.check_positive_int("block_size", block_size)
-    _checks.check_positive_int("key_block_size", key_block_size)
-    *batch, t, s = scores_shape
+    q, k, v, mask, out = _threaded_inputs("threaded_attention", query, key, value, mask, block_size,
+                                          key_block_size)
+    batch = out.shape[:-2]
     q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
     q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
-    if mask is not None:
-        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
-    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
 
     def attend(head, rows):  # one head's (Tb, D) queries, against all of that head's S keys
         tile_mask = None if mask is None else mask[head][rows]
         out[head][rows] = _attend_query_tile(q[head][rows], k[head], v[head], tile_mask, key_block_size)
 
-    _run_tiles(attend, batch, t, block_size, workers)
+    _run_tiles(attend, batch, out.shape[-2], block_size, workers)
     return out
+
+
+def _threaded_inputs(where: str, query, key, value, mask, block_size: int, key_block_size: int):
+    """The entry of both threaded functions: checked arrays, the mask as a (..., T, S) view, the empty output."""
+    q, k, v, mask, scores_shape = _attention_inputs(where, query, key, value, mask)
+    _checks.check_positive_int("block_size", block_size)
+    _checks.check_positive_int("key_block_size", key_block_size)
+    if mask is not None:
+        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
+    out = np.empty((*scores_shape[:-1], v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+    return q, k, v, mask, out
 
 
 def _run_tiles(attend, batch, t: int, block_size: int, workers: int | None) -> None:
     """Calls attend(head, rows) for every head and every `block_size` rows of it, on `workers` threads.
 
-    OpenBLAS runs its own threads, one per core, inside each matrix product: with our
-    threads on every core as well, the two kinds take turns on the same cores and a
-    product waits for the other workers' exps. Inside the pool each product runs on
-    its caller's thread only (threadpoolctl sets OpenBLAS's count, and restores it).
+    OpenBLAS splits each large matrix product among a pool of its own threads, one per
+    core. With our workers on every core as well, its threads and ours compete for the
+    same cores, and a split product is done only when its last part is, which may wait
+    behind another worker's exps. So while the pool runs, OpenBLAS is held to one
+    thread: each product runs on the worker that calls it. threadpoolctl's limit is
+    process-wide (it also holds other threads' products to one thread) and is restored
+    afterwards; a lock keeps two overlapping calls from restoring each other's limit.
     """
     tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        list(pool.map(lambda tile: attend(*tile), tiles))  # list(): re-raises here any error raised in a tile
+    with _BLAS_LIMIT, threadpool_limits(1, user_api="blas"):
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            list(pool.map(lambda tile: attend(*tile), tiles))  # list(): re-raises here any error raised in a tile
+
+
+_BLAS_LIMIT = threading.Lock()  # one pool at a time holds OpenBLAS to one thread (see _run_tiles)
 
 
 def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, key_block_size: int = 512,
                           workers: int | None = None) -> np.ndarray:
-    """threaded_attention's contract and result, with each query's shift known before its scores (chapter 13).
+    """tiled_attention's contract and result, threaded, with each query's shift known before its scores.
 
-    Any shift c leaves softmax unchanged: exp(s - c) / sum(exp(s - c)). The online
-    softmax takes c = the running max and rescales whenever it grows. Here c is fixed
-    in advance by Cauchy-Schwarz, q_i . k_j / sqrt(D) <= |q_i| max_j |k_j| / sqrt(D),
-    so no score exceeds it: exp(s - c) <= 1 never overflows, nothing is rescaled, and
-    a block of keys costs two products and one exp. The shift rides in the first
-    product as one more column, (q, -c) @ (k, 1)^T = q k^T - c, and the exps are
-    exp2's, log2(e) folded into the scale as FlashAttention does (exp2 is the cheaper).
-    A bound far above a row's scores makes its exps underflow: rows whose sum ends
-    below sqrt(tiny) (2**-63 in float32; each exp is <= 1, so even the largest is then
-    tiny) are recomputed with the running max of `_attend_query_tile`.
+    Chapter 13 explains it. Any shift c leaves softmax unchanged:
+    exp(s - c) / sum(exp(s - c)). The online softmax takes c = the running max, so it
+    rescales its sums in every block. Here c is fixed in advance by Cauchy-Schwarz,
+    q_i . k_j / sqrt(D) <= |q_i| max_j |k_j| / sqrt(D), so no score exceeds it:
+    exp(s - c) <= 1 never overflows, nothing is rescaled, and a block of keys costs two
+    products, one exp and one sum. The shift rides in the first product as one more
+    column, (q, -c) @ (k, 1)^T = q k^T - c, and the exps are exp2's, log2(e) folded into
+    the scale as FlashAttention-2 does (exp2 is the cheaper). The bound says nothing
+    about how far below c a row's scores lie: where it is loose, the exps underflow.
+    Rows whose sum of exps ends below sqrt(tiny) (2**-63 in float32), or is NaN, are
+    recomputed (above it, the exps lost to underflow, each below tiny, weigh at most
+    S * 2**-63 of the sum) with the running max of `_attend_query_tile`. float16 inputs are
+    computed in float32 (float16's sqrt(tiny) is 2**-7) and the output cast back.
     """
-    q, k, v, mask, scores_shape = _attention_inputs("fixed_shift_attention", query, key, value, mask)
-    _checks.check_positive_int("block_size", block_size)
-    _checks.check_positive_int("key_block_size", key_block_size)
-    *batch, t, s = scores_shape
-    q, k, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))  # views: one head per index
-    k_norm = np.sqrt(np.max(np.sum(k * k, axis=-1), axis=-1))  # (...,): each head's longest key
+    q, k, v, mask, out = _threaded_inputs("fixed_shift_attention", query, key, value, mask, block_size,
+                                          key_block_size)
+    batch = out.shape[:-2]
+    work = np.promote_types(out.dtype, np.float32)  # float16 has too little range for exps of s - c
+    q, k, v = (np.ascontiguousarray(a, dtype=work) for a in (q, k, v))  # copies only if not already
+    # Built before broadcasting, so that keys shared by several heads are copied once.
+    k_norm = np.sqrt(np.max(np.sum(k * k, axis=-1), axis=-1, initial=0))  # (...,): each head's longest key
     k1 = np.concatenate([k, np.ones_like(k[..., :1])], axis=-1)  # (..., S, D + 1): a column of ones
-    v = np.ascontiguousarray(v)
-    if mask is not None:
-        mask = np.broadcast_to(mask, scores_shape)  # a view, sliced tile by tile
-    out = np.empty((*batch, t, v.shape[-1]), dtype=q.dtype)  # (..., T, Dv)
+    k_norm = np.broadcast_to(k_norm, batch)
+    q, k, k1, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, k1, v))  # views: one head per index
+    threshold = np.sqrt(np.finfo(work).tiny)  # 2**-63 in float32
 
     def attend(head, rows):  # one head's (Tb, D) queries, against all of that head's S keys
         tile_mask = None if mask is None else mask[head][rows]
@@ -749,14 +767,14 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
         c = np.sqrt(np.sum(qt * qt, axis=-1, keepdims=True)) * k_norm[head]  # (Tb, 1): >= every score
         acc, l = _attend_with_shift(np.concatenate([qt, -c], axis=-1), k1[head], v[head], tile_mask,
                                     key_block_size)
-        low = l[:, 0] < np.sqrt(np.finfo(l.dtype).tiny)  # 2**-63 in float32: exps underflowed, or no key
+        low = ~(l[:, 0] >= threshold)  # exps underflowed, no key may be attended, or NaN (an inf norm)
         if low.any():
             acc[low] = _attend_query_tile(q[head][rows][low], k[head], v[head],
                                           None if mask is None else tile_mask[low], key_block_size)
             l[low] = 1
-        out[head][rows] = acc / l
+        out[head][rows] = acc / l  # cast to the output's dtype here, for float16
 
-    _run_tiles(attend, batch, t, block_size, workers)
+    _run_tiles(attend, batch, out.shape[-2], block_size, workers)
     return out
 
 
@@ -769,7 +787,7 @@ def _attend_with_shift(q1, k1, v, mask, block_size: int):
         p = q1 @ k1[cols].T  # (Tb, D + 1) @ (D + 1, Sb) -> (Tb, Sb): the scores minus c, all <= 0
         if mask is not None:
             np.copyto(p, -np.inf, where=~mask[:, cols])
-        np.exp2(p, out=p)  # in place, never above 1: 2**(s log2(e)) = e**s
+        np.exp2(p, out=p)  # in place, at most 1: 2**((s - c) log2(e)) = e**(s - c), up to rounding
         l += np.sum(p, axis=-1, keepdims=True)
         acc += p @ v[cols]  # (Tb, Sb) @ (Sb, Dv) -> (Tb, Dv)
         del p  # now, not when the next product replaces it: one (Tb, Sb) block at a time

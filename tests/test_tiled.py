@@ -11,6 +11,7 @@ the thread pools' matrix products are checked to run on one BLAS thread each.
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 from unittest import mock
 
@@ -90,6 +91,12 @@ def test_broadcast_batch_axes_and_inputs_left_untouched(attention):
     np.testing.assert_allclose(mnp.fixed_shift_attention(q, k, v, key_block_size=2), naive, atol=1e-6)
     for a, b in zip((q, k, v), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_no_keys_gives_zeros():
+    q, k, v = np.ones((2, 3, 4), np.float32), np.ones((2, 0, 4), np.float32), np.ones((2, 0, 5), np.float32)
+    for attention in (mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention):
+        np.testing.assert_array_equal(attention(q, k, v), np.zeros((2, 3, 5), np.float32))
 
 
 def test_every_row_masked_gives_zeros_not_nan():
@@ -209,6 +216,17 @@ def test_threaded_memory_is_a_few_blocks_per_worker(attention):
     assert peak - out_bytes < 1024 * 1024 * 4 / 4  # a quarter of one head's scores
 
 
+def test_keys_shared_by_every_head_are_not_copied_per_head():
+    """One (S, D) key and value matrix for 16 x 8 heads: fixed_shift_attention's (k, 1) is built once, like
+    threaded_attention's contiguous keys, not once per head."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((16, 8, 64, 64)).astype(np.float32)
+    k, v = (rng.standard_normal((2048, 64)).astype(np.float32) for _ in range(2))
+    per_head_copy = 16 * 8 * k.nbytes  # 64 MiB: what copying the keys for each head would take
+    for attention in (mnp.threaded_attention, mnp.fixed_shift_attention):
+        assert peak_bytes(lambda: attention(q, k, v, workers=2)) - q.nbytes < per_head_copy / 8
+
+
 def test_fixed_shift_falls_back_to_the_running_max_where_the_bound_is_loose():
     """Long queries: |q| max|k| / sqrt(D) is hundreds above their best score (no key points their way), exp2 underflows.
 
@@ -238,15 +256,63 @@ def test_fixed_shift_falls_back_to_the_running_max_where_the_bound_is_loose():
         assert redone == []  # a tight bound: no row falls back
 
 
+def test_fixed_shift_float16_is_computed_in_float32():
+    """float16 cannot hold the sums: |k|^2 = 160000 overflows to inf (a zero query's shift: 0 * inf = NaN),
+    and float16's sqrt(tiny) = 2**-7 is no guard against underflow. Computed in float32 and cast back, every
+    output is the float64 reference rounded to float16 (relative error 2**-11), up to float32's rounding."""
+    rng = np.random.default_rng(6)
+    zero_q, big_k = np.zeros((1, 4, 16), np.float16), np.full((1, 8, 16), 100, np.float16)
+    v = rng.standard_normal((1, 8, 16)).astype(np.float16)
+    equal_weights = np.broadcast_to(v.mean(axis=1, keepdims=True), (1, 4, 16))  # equal scores: the mean value
+    np.testing.assert_array_equal(mnp.fixed_shift_attention(zero_q, big_k, v), equal_weights)
+    q = (2 * rng.standard_normal((2, 32, 64))).astype(np.float16)
+    k, v = (rng.standard_normal((2, 8192, 64)).astype(np.float16) for _ in range(2))
+    reference = mnp.scaled_dot_product_attention(*(a.astype(np.float64) for a in (q, k, v)))[0]
+    out = mnp.fixed_shift_attention(q, k, v)
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(out, reference, rtol=2**-11, atol=1e-6)
+
+
+def test_overlapping_calls_give_openblas_its_thread_count_back():
+    """Call A's tile starts call B and waits (up to 1 s) for B's tiles to run. Without the lock, B would save
+    A's limit of 1 as its "before", A would restore the real count, and B would then restore 1."""
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    b_running, a_done = threading.Event(), threading.Event()
+    real_tile = mnp._attend_with_shift
+    qa, qb = (np.ones((1, 4, d), np.float32) for d in (4, 8))  # A's tiles get 5 columns, B's get 9
+    call_b = threading.Thread(target=lambda: mnp.fixed_shift_attention(qb, qb, qb, workers=1))
+
+    def tile(q1, *args):
+        if q1.shape[-1] == 5 and not call_b.is_alive() and not a_done.is_set():
+            call_b.start()
+            b_running.wait(timeout=1)  # with the lock, B waits for A: this times out
+        elif q1.shape[-1] == 9:
+            b_running.set()
+            a_done.wait(timeout=1)
+        return real_tile(q1, *args)
+
+    with mock.patch.object(mnp, "_attend_with_shift", tile):
+        mnp.fixed_shift_attention(qa, qa, qa, workers=1)
+        a_done.set()
+        call_b.join()
+    assert b_running.is_set()  # B ran
+    assert blas_threads() == before
+
+
 @pytest.mark.parametrize("attention", [mnp.threaded_attention, mnp.fixed_shift_attention])
 def test_each_worker_runs_its_products_on_one_blas_thread(attention):
-    """Inside the pool, OpenBLAS runs one thread per call (no contention with the other workers); after, its count is back."""
+    """Inside the pool, OpenBLAS runs one thread per call (no contention with the other workers).
+
+    After the call, OpenBLAS has its own count back.
+    """
     def blas_threads():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     before = blas_threads()
     seen = []
-    real_matmul = np.matmul
 
     def counting_tile(*args):
         seen.append(blas_threads())
@@ -259,4 +325,4 @@ def test_each_worker_runs_its_products_on_one_blas_thread(attention):
         attention(q, q, q, block_size=4, workers=2)
     assert len(seen) == 2 * 3 * 2  # one call per tile: 6 heads x 2 tiles of 4 queries
     assert all(threads == [1] * len(before) for threads in seen) and before
-    assert blas_threads() == before and real_matmul is np.matmul
+    assert blas_threads() == before
