@@ -720,7 +720,8 @@ def _run_tiles(attend, batch, t: int, block_size: int, workers: int | None) -> N
     behind another worker's exps. So while the pool runs, OpenBLAS is held to one
     thread: each product runs on the worker that calls it. threadpoolctl's limit is
     process-wide (it also holds other threads' products to one thread) and is restored
-    afterwards; a lock keeps two overlapping calls from restoring each other's limit.
+    afterwards. A lock keeps two overlapping calls from restoring each other's limit, so calls
+    from different threads run one after the other (and a tile must not call a threaded function).
     """
     tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
     with _BLAS_LIMIT, threadpool_limits(1, user_api="blas"):
@@ -742,12 +743,15 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
     exp(s - c) <= 1 never overflows, nothing is rescaled, and a block of keys costs two
     products, one exp and one sum. The shift rides in the first product as one more
     column, (q, -c) @ (k, 1)^T = q k^T - c, and the exps are exp2's, log2(e) folded into
-    the scale as FlashAttention-2 does (exp2 is the cheaper). The bound says nothing
+    the scale as FlashAttention-2 does (NumPy's float32 exp2 is the cheaper where it has
+    an AVX-512 loop for it; on AVX2-only CPUs it is the dearer). The bound says nothing
     about how far below c a row's scores lie: where it is loose, the exps underflow.
     Rows whose sum of exps ends below sqrt(tiny) (2**-63 in float32), or is NaN, are
     recomputed (above it, the exps lost to underflow, each below tiny, weigh at most
     S * 2**-63 of the sum) with the running max of `_attend_query_tile`. float16 inputs are
-    computed in float32 (float16's sqrt(tiny) is 2**-7) and the output cast back.
+    computed in float32 (float16's sqrt(tiny) is 2**-7) and the output cast back. Known limit:
+    only the sum is checked, so in a row whose exps are all tiny, values of magnitude below
+    about 1e-21 can underflow in exps @ v and come out as 0.
     """
     q, k, v, mask, out = _threaded_inputs("fixed_shift_attention", query, key, value, mask, block_size,
                                           key_block_size)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from mha import numpy as mnp
 
@@ -279,7 +279,14 @@ def test_overlapping_calls_give_openblas_its_thread_count_back():
     def blas_threads():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
-    before = blas_threads()
+    with threadpool_limits(2, user_api="blas"):  # a count the pool must change, even on one core
+        before = blas_threads()
+        assert before and 1 not in before
+        overlap_two_calls()
+        assert blas_threads() == before
+
+
+def overlap_two_calls():
     b_running, a_done = threading.Event(), threading.Event()
     real_tile = mnp._attend_with_shift
     qa, qb = (np.ones((1, 4, d), np.float32) for d in (4, 8))  # A's tiles get 5 columns, B's get 9
@@ -299,7 +306,6 @@ def test_overlapping_calls_give_openblas_its_thread_count_back():
         a_done.set()
         call_b.join()
     assert b_running.is_set()  # B ran
-    assert blas_threads() == before
 
 
 @pytest.mark.parametrize("attention", [mnp.threaded_attention, mnp.fixed_shift_attention])
@@ -311,7 +317,6 @@ def test_each_worker_runs_its_products_on_one_blas_thread(attention):
     def blas_threads():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
-    before = blas_threads()
     seen = []
 
     def counting_tile(*args):
@@ -321,8 +326,10 @@ def test_each_worker_runs_its_products_on_one_blas_thread(attention):
     name = "_attend_query_tile" if attention is mnp.threaded_attention else "_attend_with_shift"
     real_tile = getattr(mnp, name)
     q = np.random.default_rng(0).standard_normal((2, 3, 8, 4)).astype(np.float32)
-    with mock.patch.object(mnp, name, counting_tile):
+    with threadpool_limits(2, user_api="blas"), mock.patch.object(mnp, name, counting_tile):
+        before = blas_threads()  # 2, even on one core: the pool must change it
         attention(q, q, q, block_size=4, workers=2)
+        after = blas_threads()
+    assert 1 not in before and after == before
     assert len(seen) == 2 * 3 * 2  # one call per tile: 6 heads x 2 tiles of 4 queries
     assert all(threads == [1] * len(before) for threads in seen) and before
-    assert blas_threads() == before
