@@ -714,14 +714,15 @@ def _threaded_inputs(where: str, query, key, value, mask, block_size: int, key_b
 def _run_tiles(attend, batch, t: int, block_size: int, workers: int | None) -> None:
     """Calls attend(head, rows) for every head and every `block_size` rows of it, on `workers` threads.
 
-    OpenBLAS splits each large matrix product among a pool of its own threads, one per
-    core. With our workers on every core as well, its threads and ours compete for the
-    same cores, and a split product is done only when its last part is, which may wait
-    behind another worker's exps. So while the pool runs, OpenBLAS is held to one
-    thread: each product runs on the worker that calls it. threadpoolctl's limit is
-    process-wide (it also holds other threads' products to one thread) and is restored
-    afterwards. A lock keeps two overlapping calls from restoring each other's limit, so calls
-    from different threads run one after the other (and a tile must not call a threaded function).
+    OpenBLAS splits each large matrix product among a pool of its own threads, by
+    default one per core the process may use. With our workers on those cores as well,
+    its threads and ours compete for them, and a split product is done only when its
+    last part is, which may wait behind another worker's exps. So while the pool runs,
+    OpenBLAS is held to one thread: each product runs on the worker that calls it.
+    threadpoolctl's limit is process-wide (it also holds other threads' products to one
+    thread) and is restored afterwards. A lock keeps two overlapping calls from
+    restoring each other's limit, so calls from different threads run one after the
+    other (and a tile must not call a threaded function).
     """
     tiles = [(head, slice(i, i + block_size)) for head in np.ndindex(*batch) for i in range(0, t, block_size)]
     with _BLAS_LIMIT, threadpool_limits(1, user_api="blas"):
@@ -747,11 +748,12 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
     an AVX-512 loop for it; on AVX2-only CPUs it is the dearer). The bound says nothing
     about how far below c a row's scores lie: where it is loose, the exps underflow.
     Rows whose sum of exps ends below sqrt(tiny) (2**-63 in float32), or is NaN, are
-    recomputed (above it, the exps lost to underflow, each below tiny, weigh at most
-    S * 2**-63 of the sum) with the running max of `_attend_query_tile`. float16 inputs are
-    computed in float32 (float16's sqrt(tiny) is 2**-7) and the output cast back. Known limit:
-    only the sum is checked, so in a row whose exps are all tiny, values of magnitude below
-    about 1e-21 can underflow in exps @ v and come out as 0.
+    recomputed with the running max of `_attend_query_tile`; in a row above it, the
+    exps lost to underflow (each below tiny) weigh at most S * 2**-63 of the sum.
+    float16 inputs are computed in float32 (float16's sqrt(tiny) is 2**-7) and the
+    output cast back. Known limit: only the sum is checked, so in a row whose exps are
+    all tiny, values of magnitude below about 1e-21 can underflow in exps @ v and come
+    out as 0.
     """
     q, k, v, mask, out = _threaded_inputs("fixed_shift_attention", query, key, value, mask, block_size,
                                           key_block_size)

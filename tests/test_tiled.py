@@ -273,12 +273,14 @@ def test_fixed_shift_float16_is_computed_in_float32():
     np.testing.assert_allclose(out, reference, rtol=2**-11, atol=1e-6)
 
 
+def blas_threads() -> list[int]:
+    """OpenBLAS's thread count, one entry per BLAS library loaded."""
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 def test_overlapping_calls_give_openblas_its_thread_count_back():
     """Call A's tile starts call B and waits (up to 1 s) for B's tiles to run. Without the lock, B would save
     A's limit of 1 as its "before", A would restore the real count, and B would then restore 1."""
-    def blas_threads():
-        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-
     with threadpool_limits(2, user_api="blas"):  # a count the pool must change, even on one core
         before = blas_threads()
         assert before and 1 not in before
@@ -314,9 +316,6 @@ def test_each_worker_runs_its_products_on_one_blas_thread(attention):
 
     After the call, OpenBLAS has its own count back.
     """
-    def blas_threads():
-        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-
     seen = []
 
     def counting_tile(*args):
