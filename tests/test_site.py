@@ -89,8 +89,17 @@ SURVEY_JS = r"""() => {
             inputVisible: Array.from(cell.querySelectorAll(".cell_input")).some(visible),
             outputVisible: outputs.some(visible)};
   });
+  const texts = (selector) => Array.from(document.querySelectorAll(selector)).map((x) => x.innerText.trim());
+  const hrefs = (selector) => Array.from(document.querySelectorAll(selector)).map((a) => a.href);
   return {
     images, solutions, overflowing,
+    citedAs: texts(".bibtex-citation a"),  // in-text citations; the labels and entries of the reference list:
+    referenceLabels: texts(".citation .label"),
+    referenceEntries: Array.from(document.querySelectorAll(".citation")).map((x) => x.innerText),
+    arxivLinks: document.querySelectorAll(".citation a[href^='https://arxiv.org/abs/']").length,
+    colabLinks: hrefs("a[href*='colab.research.google.com']"), downloads: hrefs("a[href$='.ipynb']"),
+    sidebar: Array.from(document.querySelectorAll("#pst-primary-sidebar nav.bd-links a.reference.internal"))
+      .map((a) => [a.getAttribute("href"), a.innerText.trim()]),
     pageWidth: document.documentElement.scrollWidth, viewport: vw,
     prose: prose.join(" "),
     math: document.querySelectorAll(".math").length,
@@ -248,10 +257,26 @@ def survey(site, browser):
                 if path.startswith("chapters/"):
                     name = pathlib.Path(path).stem
                     page.screenshot(path=str(out / f"{name}-{mode}.png"))  # the first screen
+                if mode == "desktop-light":  # last, as it changes the page: a reader opens each solution
+                    data["afterClick"] = open_solutions(page)
                 results[mode, path] = data
             finally:
                 visit.close()
     return results
+
+
+def open_solutions(page) -> list[dict]:
+    """Clicks each solution's toggle; per solution, whether its code and each of its outputs then show."""
+    opened = []
+    cells = page.locator(".cell.tag_solution")
+    for i in range(cells.count()):
+        cell = cells.nth(i)
+        cell.locator("summary").first.click()
+        cell.locator(".cell_input").first.wait_for(state="visible")
+        outputs = cell.locator(".cell_output > *")
+        opened.append({"code": cell.locator(".cell_input").first.inner_text(),
+                       "outputsShown": [outputs.nth(j).is_visible() for j in range(outputs.count())]})
+    return opened
 
 
 def chapter_pages(survey, mode="desktop-light"):
@@ -279,9 +304,8 @@ def test_screenshots_of_every_chapter(survey, site):
             assert shot.exists() and shot.stat().st_size > 10_000, shot
 
 
-def test_solutions_hidden_whole_until_clicked(site, browser, survey):
+def test_solutions_hidden_whole_until_clicked(survey):
     """Before the click neither a solution's code nor its printed answer shows; after it both do."""
-    html, base = site
     total, hidden, shown = 0, 0, []
     for (mode, path), data in survey.items():
         for i, cell in enumerate(data["solutions"]):
@@ -293,21 +317,14 @@ def test_solutions_hidden_whole_until_clicked(site, browser, survey):
     print(f"solution outputs hidden: {hidden}/{total}")
     assert total > 0
     assert not shown, "shown before the click (tools/notebooks.py tags solutions hide-cell):\n" + "\n".join(shown)
-    visit = Visit(browser, base)
-    try:
-        for path in chapter_pages(survey):
-            page = visit.open(path)
-            cells = page.locator(".cell.tag_solution")
-            for i in range(cells.count()):
-                cell = cells.nth(i)
-                cell.locator("summary").first.click()
-                cell.locator(".cell_input").first.wait_for(state="visible")
-                assert "assert" in cell.locator(".cell_input").first.inner_text()
-                outputs = cell.locator(".cell_output > *")
-                for j in range(outputs.count()):
-                    assert outputs.nth(j).is_visible(), f"{path}: solution {i + 1}'s answer is still hidden"
-    finally:
-        visit.close()
+    opened = 0
+    for path, data in chapter_pages(survey).items():
+        assert len(data["afterClick"]) == len(data["solutions"]), path
+        for i, cell in enumerate(data["afterClick"]):
+            assert "assert" in cell["code"], f"{path}: solution {i + 1} shows no code after the click"
+            assert all(cell["outputsShown"]), f"{path}: solution {i + 1}'s answer is still hidden after the click"
+            opened += 1
+    assert opened == sum(len(d["solutions"]) for d in chapter_pages(survey).values()) > 0
 
 
 def test_phone_menu_buttons_open_the_sidebars(site, browser):
@@ -412,16 +429,8 @@ def test_figures_have_alt_text_and_a_caption(survey):
     assert not problems, "give each figure cell mystnb image.alt and figure.caption:\n" + "\n".join(problems)
 
 
-def test_sidebar_numbers_chapters_as_the_prose_does(site, browser):
-    html, base = site
-    visit = Visit(browser, base)
-    try:
-        page = visit.open("chapters/03_masking.html")
-        items = page.locator("#pst-primary-sidebar nav.bd-links a.reference.internal").evaluate_all(
-            "xs => xs.map(a => [a.getAttribute('href'), a.innerText.trim()])"
-        )
-    finally:
-        visit.close()
+def test_sidebar_numbers_chapters_as_the_prose_does(survey):
+    items = survey["desktop-light", "chapters/03_masking.html"]["sidebar"]
     numbered = 0
     root = yaml.safe_load((ROOT / "_toc.yml").read_text())["root"].split("/")[-1]
     for href, text in items:
@@ -437,22 +446,10 @@ def test_sidebar_numbers_chapters_as_the_prose_does(site, browser):
     assert numbered == len([c for c in toc_entries() if re.search(r"/\d\d_", c["file"])])
 
 
-def test_citations_in_one_style_with_arxiv_links(site, browser):
-    html, base = site
-    visit = Visit(browser, base)
-    cited = set()
-    try:
-        for path in pages(html):
-            if not path.startswith("chapters/"):
-                continue
-            page = visit.open(path)
-            cited.update(page.locator(".bibtex-citation a").evaluate_all("xs => xs.map(a => a.innerText.trim())"))
-        page = visit.open("chapters/references.html")
-        labels = page.locator(".citation .label").evaluate_all("xs => xs.map(x => x.innerText.trim())")
-        entries = page.locator(".citation").evaluate_all("xs => xs.map(x => x.innerText)")
-        arxiv = page.locator(".citation a[href^='https://arxiv.org/abs/']").count()
-    finally:
-        visit.close()
+def test_citations_in_one_style_with_arxiv_links(survey):
+    cited = {c for data in chapter_pages(survey).values() for c in data["citedAs"]}
+    references = survey["desktop-light", "chapters/references.html"]
+    labels, entries, arxiv = references["referenceLabels"], references["referenceEntries"], references["arxivLinks"]
     author_year = re.compile(r"^\[[^\]]+, \d{4}\]$")
     assert labels and all(author_year.match(x) for x in labels), labels
     assert cited and all(author_year.match(f"[{c}]") for c in cited), f"in-text citations read {sorted(cited)}"
@@ -486,19 +483,11 @@ def test_search_finds_softmax(site, browser):
         visit.close()
 
 
-def test_colab_links_point_at_each_chapter_on_main(site, browser):
-    html, base = site
+def test_colab_links_point_at_each_chapter_on_main(survey):
     repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
     slug = urllib.parse.urlsplit(repo["url"]).path.strip("/")
-    visit = Visit(browser, base)
-    try:
-        for notebook in sorted((ROOT / "chapters").glob("*.ipynb")):
-            page = visit.open(f"chapters/{notebook.stem}.html")
-            links = page.eval_on_selector_all("a[href*='colab.research.google.com']", "xs => xs.map(a => a.href)")
-            expected = f"https://colab.research.google.com/github/{slug}/blob/{repo['branch']}/chapters/{notebook.name}"
-            assert links == [expected], f"{notebook.name}: {links}"
-            downloads = page.eval_on_selector_all("a[href$='.ipynb']", "xs => xs.map(a => a.href)")
-            assert any(d.endswith(f"_sources/chapters/{notebook.name}") for d in downloads), downloads
-    finally:
-        visit.close()
-    assert visit.external == []
+    for notebook in sorted((ROOT / "chapters").glob("*.ipynb")):
+        data = survey["desktop-light", f"chapters/{notebook.stem}.html"]
+        expected = f"https://colab.research.google.com/github/{slug}/blob/{repo['branch']}/chapters/{notebook.name}"
+        assert data["colabLinks"] == [expected], f"{notebook.name}: {data['colabLinks']}"
+        assert any(d.endswith(f"_sources/chapters/{notebook.name}") for d in data["downloads"]), data["downloads"]
