@@ -3,7 +3,9 @@
 Memory first, each implementation in a fresh Python process of its own
 (`python run.py --memory-of NAME`): it builds its cases, makes one warm-up call
 per case, then measures the next call with `measure.peak_rss_mib` (the rise of
-the process's resident memory, peak over the call, after malloc_trim). Resident
+the process's resident memory, peak over the call, after malloc_trim), with
+glibc's mmap threshold held at a fixed value (`MMAP_THRESHOLD_BYTES`) so that
+the figure does not depend on the holes earlier calls left in the heap. Resident
 memory counts whatever any library allocates, NumPy, PyTorch or TensorFlow
 alike, and a fresh process keeps one library's leftovers (heap holes, caches,
 threads) out of another's figure. Resident memory does not depend on the load
@@ -21,6 +23,7 @@ calls. The median of the rounds is kept, with the load average over them.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,13 +59,23 @@ def memory_of(name: str, cases: list[pairs.Case]) -> dict[str, float]:
     return peaks
 
 
+# glibc serves a block of at least this many bytes with mmap and unmaps it when it is freed. Left to
+# itself it raises the threshold after each such free (up to 32 MiB), so that the next blocks of that
+# size come from its heap instead, and what the call's resident memory counts then depends on the holes
+# earlier calls left there: mha.torch at B=4, T=512 measured 59.8, 64.0, 67.9 and 71.8 MiB in four
+# fresh processes. Held fixed (the same for every implementation), the figure is what the call's
+# arrays occupy: 55.8 MiB in each of two processes, nn.MultiheadAttention 51.9 MiB in both.
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, M_MMAP_THRESHOLD
+
+
 def memory_in_fresh_processes(names: list[str], cases_of: dict, log) -> dict[tuple[str, str], float]:
     """{(name, case label): MiB}, each implementation measured in a new Python process."""
     peaks = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}  # fixed: see above
     for name in names:
         start = time.perf_counter()
         cmd = [sys.executable, RUN, "--memory-of", name, "--cases", *map(case_arg, cases_of[name])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         for label, mib in json.loads(done.stdout.strip().splitlines()[-1]).items():
             peaks[name, label] = mib
         log(f"  memory of {name:<32} in its own process: {time.perf_counter() - start:5.1f} s")

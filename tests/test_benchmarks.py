@@ -10,7 +10,9 @@ column, and a lower bound that stops running the products it claims to run.
 from __future__ import annotations
 
 import csv
+import os
 import pathlib
+import subprocess
 import sys
 from unittest import mock
 
@@ -77,6 +79,21 @@ def test_memory_child_measures_a_known_allocation():
     peaks = table.memory_in_fresh_processes(["mha.numpy"], {"mha.numpy": [pairs.Case(4, 512)]}, lambda _: None)
     weights_mib = 4 * pairs.H * 512 * 512 * 4 / measure.MIB
     assert weights_mib <= peaks["mha.numpy", "B=4 T=512 no mask"] < 6 * weights_mib
+
+
+def test_memory_child_runs_with_a_fixed_mmap_threshold():
+    """Each child gets MALLOC_MMAP_THRESHOLD_, so its figure does not depend on glibc's moving threshold."""
+    envs = []
+
+    def child(cmd, env, **kwargs):
+        envs.append(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"B=4 T=512 no mask": 1.0}\n', stderr="")
+
+    with mock.patch.object(table.subprocess, "run", child):
+        table.memory_in_fresh_processes(["mha.numpy", "mha.torch"], {n: [pairs.Case(4, 512)] for n in
+                                                                      ("mha.numpy", "mha.torch")}, lambda _: None)
+    assert [e["MALLOC_MMAP_THRESHOLD_"] for e in envs] == [str(table.MMAP_THRESHOLD_BYTES)] * 2
+    assert all(e["PATH"] == os.environ["PATH"] for e in envs)  # the rest of the environment is kept
 
 
 def test_one_length_sweep_writes_csv_and_plots(tmp_path):
