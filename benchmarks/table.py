@@ -60,11 +60,8 @@ def memory_of(name: str, cases: list[pairs.Case]) -> dict[str, float]:
 
 
 # glibc serves a block of at least this many bytes with mmap and unmaps it when it is freed. Left to
-# itself it raises the threshold after each such free (up to 32 MiB), so that the next blocks of that
-# size come from its heap instead, and what the call's resident memory counts then depends on the holes
-# earlier calls left there: mha.torch at B=4, T=512 measured 59.8, 64.0, 67.9 and 71.8 MiB in four
-# fresh processes. Held fixed (the same for every implementation), the figure is what the call's
-# arrays occupy: 55.8 MiB in each of two processes, nn.MultiheadAttention 51.9 MiB in both.
+# itself it raises the threshold after each such free (up to 32 MiB), and the figure then counts the
+# holes earlier calls left in its heap; benchmarks/README.md gives the figures measured both ways.
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, M_MMAP_THRESHOLD
 
 
