@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 import mha  # noqa: E402
 from contestants import CONTESTANTS, build  # noqa: E402
-from measure import load_average, peak_rss_mib, seconds  # noqa: E402
+from measure import exp_microseconds, load_average, peak_rss_mib, seconds  # noqa: E402
 
 B, H, D = 1, 8, 64
 E = H * D
@@ -112,13 +112,16 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     log(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {load_average():.2f}")
+    exp_us, exp2_us = exp_microseconds()  # fixed_shift_attention's exps are exp2's
+    exps = f"np.exp {exp_us:.0f} us, np.exp2 {exp2_us:.0f} us per 512 x 512 float32 block in this process"
+    log(exps)
     if not args.no_table:
         import table
 
         rows = table.like_for_like(args.rounds, log)
         write_csv(args.out / "like_for_like.csv", rows)
         text = table.markdown(rows)
-        (args.out / "like_for_like.md").write_text(text + "\n")
+        (args.out / "like_for_like.md").write_text(f"{text}\n\nThe timing process: {exps}.\n")
         log(text)
         log(f"wrote {args.out / 'like_for_like.csv'} and like_for_like.md ({time.perf_counter() - start:.0f} s)")
     if args.sweep:

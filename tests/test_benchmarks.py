@@ -150,3 +150,12 @@ def test_numpy_contestants_time_the_function_they_name(name, function):
         out = forward(xin)
     assert named.call_count == 1 and reference.call_count == 0
     np.testing.assert_allclose(out, mnp.MultiHeadAttention.from_weights(w)(x)[0], atol=1e-5)
+
+
+def test_exp_probe_times_both_exps_on_one_block():
+    """The figures the bench prints for its own process time np.exp and np.exp2, 100 calls each."""
+    with (mock.patch.object(np, "exp", wraps=np.exp) as exp, mock.patch.object(np, "exp2", wraps=np.exp2) as exp2):
+        exp_us, exp2_us = measure.exp_microseconds()
+    assert exp.call_count == exp2.call_count == 100
+    assert exp.call_args.args[0].shape == (512, 512) and exp.call_args.args[0].dtype == np.float32
+    assert 0 < exp_us < 1e5 and 0 < exp2_us < 1e5
