@@ -1,8 +1,10 @@
 """The built site, read in a real browser (Debian's Chromium, driven by Playwright), offline, as a reader.
 
-Every page is visited at desktop (1366x900) and phone (390x844) width, in light
-and dark mode, each time in a fresh browser profile (a first visit, nothing
-cached). Every page loads with no console error and no request leaving
+Every page is visited at desktop (1366x900) and phone (390x844) width, each
+time in a fresh browser profile (a first visit, nothing cached), in light mode,
+then read again after the reader's switch to dark mode (the theme's own button);
+one chapter at each width is also opened in dark mode on its first visit, and
+must read as the switched one does. Every page loads with no console error and no request leaving
 localhost, every image loads, the math is typeset without errors, solutions
 stay hidden (code and answer) until clicked, the sidebar buttons work at both
 widths, nothing scrolls sideways on a phone, figures are sharp and described,
@@ -237,32 +239,67 @@ def toc_entries() -> list[dict]:
     return toc["chapters"]
 
 
+DARK_FIRST_VISIT = "chapters/13_fast_attention.html"  # the longest page also boots in dark mode
+SWITCHED = " switched"  # survey[mode + SWITCHED, path]: DARK_FIRST_VISIT read after the switch, to compare
+
+
 @pytest.fixture(scope="module")
 def survey(site, browser):
-    """Every page in every mode, each a first visit: {(mode, path): measurements}."""
+    """Every page in every mode: {(mode, path): measurements}.
+
+    A page is opened once per width, in light mode on a first visit, and measured; then the
+    theme's switch turns it dark and it is measured again, which costs a fraction of a second
+    where a second first visit costs about three. DARK_FIRST_VISIT's dark figures come from a
+    first visit in dark mode instead, and its switched ones are kept beside them.
+    """
     html, base = site
     out = html.parent / "screenshots"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     results = {}
-    for mode in MODES:
+    for light in (m for m in MODES if m.endswith("-light")):
+        dark = light.replace("-light", "-dark")
         for path in pages(html):
-            visit = Visit(browser, base, mode)
+            visit = Visit(browser, base, light)
             try:
-                page = visit.open(path, settle=mode == "desktop-light")
+                page = visit.open(path, settle=light == "desktop-light")
                 first_visit = visit.bytes  # figures below the first screen wait for the reader to scroll
-                page.evaluate(LOAD_ALL_IMAGES_JS)
-                data = page.evaluate(SURVEY_JS)
-                data.update(bytes=first_visit, external=visit.external, errors=visit.errors + visit.failed)
-                if path.startswith("chapters/"):
-                    name = pathlib.Path(path).stem
-                    page.screenshot(path=str(out / f"{name}-{mode}.png"))  # the first screen
-                if mode == "desktop-light":  # last, as it changes the page: a reader opens each solution
-                    data["afterClick"] = open_solutions(page)
-                results[mode, path] = data
+                results[light, path] = read_page(page, visit, path, out / f"{pathlib.Path(path).stem}-{light}.png")
+                results[light, path]["bytes"] = first_visit
+                switch_to_dark(page)
+                switched = dark + SWITCHED if path == DARK_FIRST_VISIT else dark
+                shot = None if switched != dark else out / f"{pathlib.Path(path).stem}-{dark}.png"
+                results[switched, path] = read_page(page, visit, path, shot)
+                if light == "desktop-light":  # last, as it changes the page: a reader opens each solution
+                    results[light, path]["afterClick"] = open_solutions(page)
             finally:
                 visit.close()
+        visit = Visit(browser, base, dark)
+        try:
+            page = visit.open(DARK_FIRST_VISIT)
+            results[dark, DARK_FIRST_VISIT] = read_page(
+                page, visit, DARK_FIRST_VISIT, out / f"{pathlib.Path(DARK_FIRST_VISIT).stem}-{dark}.png")
+        finally:
+            visit.close()
     return results
+
+
+def read_page(page, visit, path: str, screenshot) -> dict:
+    """SURVEY_JS's measurements once every image has loaded, with the visit's requests and errors so far."""
+    page.evaluate(LOAD_ALL_IMAGES_JS)
+    data = page.evaluate(SURVEY_JS)
+    data.update(external=list(visit.external), errors=visit.errors + visit.failed,
+                theme=page.evaluate("() => document.documentElement.dataset.theme"))
+    if screenshot is not None and path.startswith("chapters/"):
+        page.screenshot(path=str(screenshot))  # the first screen
+    return data
+
+
+def switch_to_dark(page) -> None:
+    """What a reader does: the system asks for dark, and a click on the theme's button turns the page dark."""
+    page.emulate_media(color_scheme="dark")
+    page.locator(".theme-switch-button").first.dispatch_event("click")  # on a phone it sits in the closed menu
+    page.wait_for_function("() => document.documentElement.dataset.theme === 'dark'")
 
 
 def open_solutions(page) -> list[dict]:
@@ -293,6 +330,18 @@ def test_every_page_reads_offline(survey):
         assert not broken, f"{mode} {path}: images that did not load: {broken}"
         assert data["typeset"] >= data["math"], f"{mode} {path}: {data['math']} math elements, {data['typeset']} typeset"
     assert sum(d["typeset"] for d in survey.values()) > 0 and sum(len(d["images"]) for d in survey.values()) > 0
+
+
+def test_switched_to_dark_reads_as_a_dark_first_visit(survey):
+    """The survey reads most pages dark after the theme's switch; on DARK_FIRST_VISIT both ways agree."""
+    for (mode, path), data in survey.items():
+        assert data["theme"] == mode.split("-")[1].split()[0], f"{mode} {path}: the page is {data['theme']}"
+    for dark in (m for m in MODES if m.endswith("-dark")):
+        booted, switched = survey[dark, DARK_FIRST_VISIT], survey[dark + SWITCHED, DARK_FIRST_VISIT]
+        for key in ("overflowing", "solutions", "pageWidth", "typeset", "mathErrors", "prose"):
+            assert booted[key] == switched[key], f"{dark} {DARK_FIRST_VISIT}: {key} differs after the switch"
+        drawn = lambda data: [(i["src"], round(i["drawn"]), i["complete"]) for i in data["images"]]  # noqa: E731
+        assert drawn(booted) == drawn(switched), f"{dark}: the figures differ after the switch"
 
 
 def test_screenshots_of_every_chapter(survey, site):
