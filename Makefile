@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 ## test: every test: the package, the notebook checks, nbval on every chapter, the book build,
 ## spread over the machine's cores a file at a time (each notebook keeps one kernel)
 test: venv
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 ## check: one chapter alone (nbval on it) and the static notebook checks, e.g.
 ##   make check NB=chapters/05_mha_torch.ipynb
