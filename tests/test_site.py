@@ -266,11 +266,12 @@ def survey(site, browser):
                 first_visit = visit.bytes  # figures below the first screen wait for the reader to scroll
                 results[light, path] = read_page(page, visit, path, out / f"{pathlib.Path(path).stem}-{light}.png")
                 results[light, path]["bytes"] = first_visit
-                switch_to_dark(page)
+                switch_mode(page, "dark")
                 switched = dark + SWITCHED if path == DARK_FIRST_VISIT else dark
                 shot = None if switched != dark else out / f"{pathlib.Path(path).stem}-{dark}.png"
                 results[switched, path] = read_page(page, visit, path, shot)
-                if light == "desktop-light":  # last, as it changes the page: a reader opens each solution
+                if light == "desktop-light":  # last, as it changes the page: back to light, the reader
+                    switch_mode(page, "light")  # opens each solution
                     results[light, path]["afterClick"] = open_solutions(page)
             finally:
                 visit.close()
@@ -295,11 +296,15 @@ def read_page(page, visit, path: str, screenshot) -> dict:
     return data
 
 
-def switch_to_dark(page) -> None:
-    """What a reader does: the system asks for dark, and a click on the theme's button turns the page dark."""
-    page.emulate_media(color_scheme="dark")
-    page.locator(".theme-switch-button").first.dispatch_event("click")  # on a phone it sits in the closed menu
-    page.wait_for_function("() => document.documentElement.dataset.theme === 'dark'")
+def switch_mode(page, colour: str) -> None:
+    """The theme's own switch to `colour` ("light" or "dark"), in place: the system asks for that colour,
+    and one click on the theme's button, which from the other colour steps to the system's, sets it.
+
+    The click is dispatched to the button directly: on a phone it sits in the closed menu.
+    """
+    page.emulate_media(color_scheme=colour)
+    page.locator(".theme-switch-button").first.dispatch_event("click")
+    page.wait_for_function(f"() => document.documentElement.dataset.theme === '{colour}'")
 
 
 def open_solutions(page) -> list[dict]:
