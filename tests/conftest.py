@@ -4,11 +4,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# make test runs two workers on two cores. After each call, OpenBLAS's (NumPy's) and OpenMP's
-# (PyTorch's) idle threads spin for up to about 0.2 s waiting for more work, on a core the other
-# worker needs: a warm make test took 192 s and 350 busy CPU-seconds with the libraries' defaults,
-# 171 s and 304 with the spinning cut (2026-12-04). Only speed changes: nbval compares no timing,
-# and the one asserted timing (chapter 13's np.exp against np.exp2, in child processes) is of
+# make test runs two workers on two cores. After each call, OpenBLAS's (NumPy's) idle threads spin
+# for up to about 0.2 s waiting for more work, and libgomp's (PyTorch's OpenMP) for 300,000 spins
+# by default, on a core the other worker needs: a warm make test took 192 s and 350 busy CPU-seconds
+# with the libraries' defaults, 170-180 s and 302-304 with the spinning cut (three runs, 2026-12-04).
+# Only speed changes: nbval compares no timing, and the only timings asserted (chapter 13's np.exp
+# against np.exp2, in child processes; test_benchmarks' probe, only that it is positive) are of
 # single-threaded ufuncs. The kernels and subprocesses the tests start inherit these settings;
 # `make notebooks` (the stored outputs, chapter 13's timings among them) keeps the defaults.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # spin 2^4 cycles, OpenBLAS's least
@@ -73,8 +74,9 @@ def built_site():
 # order, with --no-loadscope-reorder: by default pytest-xdist 3.8 hands out the files with the most
 # tests first, which put the one-test Keras-backend runs last), so that the last file to finish is
 # not a long one started late. Each file's tests keep their order. Worker seconds of a warm make
-# test on 2 cores, 2026-12-04: chapter 13 102, test_site 78, Keras on JAX 32, test_colab 17,
-# chapter 8 16, test_benchmarks 15, chapter 7 13, Keras on torch 9; every other file under 10.
+# test on 2 cores, 2026-12-04: chapter 13 102, test_site.py 78, test_keras_backends.py (JAX) 32,
+# test_colab.py 17, chapter 8 16, test_benchmarks.py 15, chapter 7 13,
+# test_keras_backends_torch.py 9; every other file under 10.
 # (Not --dist loadgroup: under pytest 9.2 it no longer groups, pytest-xdist #1386.)
 LONGEST_FIRST = ["13_fast_attention.ipynb", "test_site.py", "test_keras_backends.py", "test_colab.py",
                  "08_encoder_block.ipynb", "test_benchmarks.py", "07_three_frameworks.ipynb",
