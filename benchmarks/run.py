@@ -113,8 +113,8 @@ def main(argv=None) -> None:
     log(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {load_average():.2f}")
     exp_us, exp2_us = exp_microseconds()  # fixed_shift_attention's exps are exp2's
-    exps = f"np.exp {exp_us:.0f} us, np.exp2 {exp2_us:.0f} us per 512 x 512 float32 block in this process"
-    log(exps)
+    exps = f"np.exp {exp_us:.0f} us, np.exp2 {exp2_us:.0f} us per 512 x 512 float32 block"
+    log(f"this process: {exps}")
     if not args.no_table:
         import table
 
