@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import urllib.parse
 
 import pytest
@@ -38,6 +39,7 @@ CHROMIUM_ARGS = [  # no background traffic of Chromium's own: only the page's re
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
+QUIET_S = 0.1  # a first visit has fetched all it will once no request has been in flight this long
 FIRST_VISIT_BYTES = 1_500_000  # transferred by a first visit of a chapter page (nothing cached; text gzipped)
 SITE_BYTES = 20_000_000  # the whole of _build/html (15.2 MB measured with 15 chapters)
 MIN_PIXEL_RATIO = 1.5  # a figure's natural width over its drawn width on desktop
@@ -195,6 +197,10 @@ class Visit:
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
         self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
         self.page.on("requestfinished", self._count)
+        self.in_flight = set()  # the requests not yet answered: settle waits for none for QUIET_S
+        self.page.on("request", lambda r: self.in_flight.add(r))
+        self.page.on("requestfinished", lambda r: self.in_flight.discard(r))
+        self.page.on("requestfailed", lambda r: self.in_flight.discard(r))
 
     def _route(self, route):
         host = urllib.parse.urlsplit(route.request.url).hostname
@@ -217,8 +223,22 @@ class Visit:
         self.page.evaluate("() => window.MathJax?.startup?.promise")
         self.page.evaluate("() => document.fonts.ready.then(() => true)")
         if settle:  # everything a first visit fetches, lazy fonts and images included
-            self.page.wait_for_load_state("networkidle")
+            self.settle()
         return self.page
+
+    def settle(self, limit_s: float = 15.0) -> None:
+        """Waits until no request has been in flight for QUIET_S seconds.
+
+        Playwright's "networkidle" waits for 500 ms of quiet; on every page of the site the bytes
+        counted after 100 ms of quiet were those counted after networkidle and one more second
+        (2026-12-04), and the shorter wait saves about 0.4 s per page.
+        """
+        start = quiet_since = time.perf_counter()
+        while time.perf_counter() - quiet_since < QUIET_S:
+            self.page.wait_for_timeout(20)  # lets Playwright deliver the request events
+            if self.in_flight:
+                quiet_since = time.perf_counter()
+            assert time.perf_counter() - start < limit_s, f"requests still in flight: {self.in_flight}"
 
     def close(self):
         self.context.close()
