@@ -104,7 +104,7 @@ SURVEY_JS = r"""() => {
     colabLinks: hrefs("a[href*='colab.research.google.com']"), downloads: hrefs("a[href$='.ipynb']"),
     sidebar: Array.from(document.querySelectorAll("#pst-primary-sidebar nav.bd-links a.reference.internal"))
       .map((a) => [a.getAttribute("href"), a.innerText.trim()]),
-    pageWidth: document.documentElement.scrollWidth, viewport: vw,
+    pageWidth: document.documentElement.scrollWidth, viewport: vw, theme: document.documentElement.dataset.theme,
     prose: prose.join(" "),
     math: document.querySelectorAll(".math").length,
     typeset: document.querySelectorAll("mjx-container").length,
@@ -195,12 +195,10 @@ class Visit:
         self.page = self.context.new_page()
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
-        self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
-        self.page.on("requestfinished", self._count)
         self.in_flight = set()  # the requests not yet answered: settle waits for none for QUIET_S
         self.page.on("request", lambda r: self.in_flight.add(r))
-        self.page.on("requestfinished", lambda r: self.in_flight.discard(r))
-        self.page.on("requestfailed", lambda r: self.in_flight.discard(r))
+        self.page.on("requestfailed", self._failed)
+        self.page.on("requestfinished", self._count)
 
     def _route(self, route):
         host = urllib.parse.urlsplit(route.request.url).hostname
@@ -210,7 +208,12 @@ class Visit:
             self.external.append(route.request.url)
             route.abort()
 
+    def _failed(self, request):
+        self.in_flight.discard(request)
+        self.failed.append(f"{request.url} ({request.failure})")
+
     def _count(self, request):
+        self.in_flight.discard(request)
         sizes = request.sizes()
         self.bytes += sizes["responseBodySize"] + sizes["responseHeadersSize"]
 
@@ -284,12 +287,13 @@ def survey(site, browser):
             try:
                 page = visit.open(path, settle=light == "desktop-light")
                 first_visit = visit.bytes  # figures below the first screen wait for the reader to scroll
-                results[light, path] = read_page(page, visit, path, out / f"{pathlib.Path(path).stem}-{light}.png")
+                results[light, path] = read_page(page, visit, path, out, light)
                 results[light, path]["bytes"] = first_visit
                 switch_mode(page, "dark")
-                switched = dark + SWITCHED if path == DARK_FIRST_VISIT else dark
-                shot = None if switched != dark else out / f"{pathlib.Path(path).stem}-{dark}.png"
-                results[switched, path] = read_page(page, visit, path, shot)
+                if path == DARK_FIRST_VISIT:  # kept beside its dark first visit, below
+                    results[dark + SWITCHED, path] = read_page(page, visit, path)
+                else:
+                    results[dark, path] = read_page(page, visit, path, out, dark)
                 if light == "desktop-light":  # last, as it changes the page: back to light, the reader
                     switch_mode(page, "light")  # opens each solution
                     results[light, path]["afterClick"] = open_solutions(page)
@@ -298,21 +302,20 @@ def survey(site, browser):
         visit = Visit(browser, base, dark)
         try:
             page = visit.open(DARK_FIRST_VISIT)
-            results[dark, DARK_FIRST_VISIT] = read_page(
-                page, visit, DARK_FIRST_VISIT, out / f"{pathlib.Path(DARK_FIRST_VISIT).stem}-{dark}.png")
+            results[dark, DARK_FIRST_VISIT] = read_page(page, visit, DARK_FIRST_VISIT, out, dark)
         finally:
             visit.close()
     return results
 
 
-def read_page(page, visit, path: str, screenshot) -> dict:
-    """SURVEY_JS's measurements once every image has loaded, with the visit's requests and errors so far."""
+def read_page(page, visit, path: str, out: pathlib.Path | None = None, mode: str | None = None) -> dict:
+    """SURVEY_JS's measurements once every image has loaded, with the visit's requests and errors so far;
+    with `out`, a chapter's first screen is saved there as NAME-MODE.png."""
     page.evaluate(LOAD_ALL_IMAGES_JS)
     data = page.evaluate(SURVEY_JS)
-    data.update(external=list(visit.external), errors=visit.errors + visit.failed,
-                theme=page.evaluate("() => document.documentElement.dataset.theme"))
-    if screenshot is not None and path.startswith("chapters/"):
-        page.screenshot(path=str(screenshot))  # the first screen
+    data.update(external=list(visit.external), errors=visit.errors + visit.failed)
+    if out is not None and path.startswith("chapters/"):
+        page.screenshot(path=str(out / f"{pathlib.Path(path).stem}-{mode}.png"))  # the first screen
     return data
 
 
