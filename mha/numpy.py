@@ -733,7 +733,7 @@ def _run_tiles(attend, batch, t: int, block_size: int, workers: int | None) -> N
 _BLAS_LIMIT = threading.Lock()  # one pool at a time holds OpenBLAS to one thread (see _run_tiles)
 
 
-def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, key_block_size: int = 512,
+def fixed_shift_attention(query, key, value, mask=None, block_size: int = 1024, key_block_size: int = 256,
                           workers: int | None = None) -> np.ndarray:
     """tiled_attention's contract and result, threaded, with each query's shift known before its scores.
 
@@ -742,11 +742,14 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
     rescales its sums in every block. Here c is fixed in advance by Cauchy-Schwarz,
     q_i . k_j / sqrt(D) <= |q_i| max_j |k_j| / sqrt(D), so no score exceeds it:
     exp(s - c) <= 1 never overflows, nothing is rescaled, and a block of keys costs two
-    products, one exp and one sum. The shift rides in the first product as one more
-    column, (q, -c) @ (k, 1)^T = q k^T - c, and the exps are exp2's, log2(e) folded into
-    the scale as FlashAttention-2 does (NumPy's float32 exp2 is the cheaper where it has
-    an AVX-512 loop for it; on AVX2-only CPUs it is the dearer). The bound says nothing
-    about how far below c a row's scores lie: where it is loose, the exps underflow.
+    products and one exp. The shift rides in the first product as one more column,
+    (q, -c) @ (k, 1)^T = q k^T - c, the row sums in the second, p @ (v, 1) = (p v, sum p),
+    and the exps are exp2's, log2(e) folded into the scale as FlashAttention-2 does
+    (NumPy's float32 exp2 is the cheaper where it has an AVX-512 loop for it; on
+    AVX2-only CPUs it is the dearer). A tile is 1024 queries against blocks of 256
+    keys: 1 MiB of scores, as threaded_attention's 512 x 512, but each block of keys
+    serves twice as many queries. The bound says nothing about how far below c a row's
+    scores lie: where it is loose, the exps underflow.
     Rows whose sum of exps ends below sqrt(tiny) (2**-63 in float32), or is NaN, are
     recomputed with the running max of `_attend_query_tile`; in a row above it, the
     exps lost to underflow (each below tiny) weigh at most S * 2**-63 of the sum.
@@ -763,15 +766,16 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
     # Built before broadcasting, so that keys shared by several heads are copied once.
     k_norm = np.sqrt(np.max(np.sum(k * k, axis=-1), axis=-1, initial=0))  # (...,): each head's longest key
     k1 = np.concatenate([k, np.ones_like(k[..., :1])], axis=-1)  # (..., S, D + 1): a column of ones
+    v1 = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1)  # (..., S, Dv + 1): the same for the sums
     k_norm = np.broadcast_to(k_norm, batch)
-    q, k, k1, v = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, k1, v))  # views: one head per index
+    q, k, k1, v, v1 = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, k1, v, v1))  # one head per index
     threshold = np.sqrt(np.finfo(work).tiny)  # 2**-63 in float32
 
     def attend(head, rows):  # one head's (Tb, D) queries, against all of that head's S keys
         tile_mask = None if mask is None else mask[head][rows]
         qt = q[head][rows] * (math.log2(math.e) / math.sqrt(q.shape[-1]))  # (Tb, D): scores in base 2
         c = np.sqrt(np.sum(qt * qt, axis=-1, keepdims=True)) * k_norm[head]  # (Tb, 1): >= every score
-        acc, l = _attend_with_shift(np.concatenate([qt, -c], axis=-1), k1[head], v[head], tile_mask,
+        acc, l = _attend_with_shift(np.concatenate([qt, -c], axis=-1), k1[head], v1[head], tile_mask,
                                     key_block_size)
         low = ~(l[:, 0] >= threshold)  # exps underflowed, no key may be attended, or NaN (an inf norm)
         if low.any():
@@ -784,20 +788,18 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 512, k
     return out
 
 
-def _attend_with_shift(q1, k1, v, mask, block_size: int):
-    """Sums exp(s - c) @ v and exp(s - c) over the keys, block by block, for q1 = (q, -c) and k1 = (k, 1)."""
-    acc = np.zeros((*q1.shape[:-1], v.shape[-1]), dtype=v.dtype)  # (Tb, Dv)
-    l = np.zeros((*q1.shape[:-1], 1), dtype=v.dtype)  # (Tb, 1)
+def _attend_with_shift(q1, k1, v1, mask, block_size: int):
+    """Sums exp(s - c) @ v and exp(s - c) over the keys, block by block: q1 = (q, -c), k1 = (k, 1), v1 = (v, 1)."""
+    acc = np.zeros((*q1.shape[:-1], v1.shape[-1]), dtype=v1.dtype)  # (Tb, Dv + 1): sum of p @ (v, 1)
     for j in range(0, k1.shape[-2], block_size):
         cols = slice(j, j + block_size)
         p = q1 @ k1[cols].T  # (Tb, D + 1) @ (D + 1, Sb) -> (Tb, Sb): the scores minus c, all <= 0
         if mask is not None:
             np.copyto(p, -np.inf, where=~mask[:, cols])
         np.exp2(p, out=p)  # in place, at most 1: 2**((s - c) log2(e)) = e**(s - c), up to rounding
-        l += np.sum(p, axis=-1, keepdims=True)
-        acc += p @ v[cols]  # (Tb, Sb) @ (Sb, Dv) -> (Tb, Dv)
+        acc += p @ v1[cols]  # (Tb, Sb) @ (Sb, Dv + 1) -> (Tb, Dv + 1): p @ v, and p's row sums last
         del p  # now, not when the next product replaces it: one (Tb, Sb) block at a time
-    return acc, l
+    return acc[:, :-1], acc[:, -1:]  # (Tb, Dv) and (Tb, 1)
 
 
 def _attend_query_tile(q, k, v, mask, block_size: int) -> np.ndarray:

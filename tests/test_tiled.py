@@ -210,15 +210,15 @@ def test_threaded_memory_is_a_few_blocks_per_worker(attention):
     out_bytes = q.nbytes
     peak = peak_bytes(lambda: attention(q, k, v, block_size=128, key_block_size=256, workers=2))
     block_bytes = 128 * 256 * 4
-    keys_with_ones = k.nbytes * 17 // 16  # fixed_shift_attention's (k, 1): one more column per key
-    extra = keys_with_ones if attention is mnp.fixed_shift_attention else 0
+    with_ones = (k.nbytes + v.nbytes) * 17 // 16  # fixed_shift_attention's (k, 1) and (v, 1): one more column
+    extra = with_ones if attention is mnp.fixed_shift_attention else 0
     assert peak - out_bytes - extra < 2 * 2 * block_bytes  # per worker: its block and its exp, with room to spare
     assert peak - out_bytes < 1024 * 1024 * 4 / 4  # a quarter of one head's scores
 
 
 def test_keys_shared_by_every_head_are_not_copied_per_head():
-    """One (S, D) key and value matrix for 16 x 8 heads: fixed_shift_attention's (k, 1) is built once, like
-    threaded_attention's contiguous keys, not once per head."""
+    """One (S, D) key and value matrix for 16 x 8 heads: fixed_shift_attention's (k, 1) and (v, 1) are built
+    once, like threaded_attention's contiguous keys, not once per head."""
     rng = np.random.default_rng(4)
     q = rng.standard_normal((16, 8, 64, 64)).astype(np.float32)
     k, v = (rng.standard_normal((2048, 64)).astype(np.float32) for _ in range(2))
