@@ -78,10 +78,10 @@ def traced_peak_mib(fn) -> tuple[float, object]:
 def exp_microseconds() -> tuple[float, float]:
     """(np.exp, np.exp2) microseconds on a 512 x 512 float32 block in this process, fastest of 5 x 20 calls.
 
-    On the AVX-512 machine of the book, about one fresh process in four runs float32 np.exp2 about three
-    times as slowly as the others, on every call, decided by the address it loads NumPy's core library at
-    (README.md); fixed_shift_attention, whose exps are exp2's, then falls behind SDPA. The bench prints
-    these two figures for its own process.
+    On the book's AVX-512 machine of 2026-12-04, about one fresh process in four ran float32 np.exp2 about
+    three times as slowly as the others, on every call, decided by the address it loaded NumPy's core library
+    at (README.md), and fixed_shift_attention (whose exps are exp2's), as it was then, fell behind SDPA. The
+    bench prints these two figures for its own process.
     """
     import timeit
 

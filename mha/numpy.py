@@ -745,11 +745,13 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 1024, 
     products and one exp. The shift rides in the first product as one more column,
     (q, -c) @ (k, 1)^T = q k^T - c, the row sums in the second, p @ (v, 1) = (p v, sum p),
     and the exps are exp2's, log2(e) folded into the scale as FlashAttention-2 does
-    (NumPy's float32 exp2 is the cheaper where it has an AVX-512 loop for it; on
-    AVX2-only CPUs it is the dearer). A tile is 1024 queries against blocks of 256
-    keys: 1 MiB of scores, as threaded_attention's 512 x 512, but each block of keys
-    serves twice as many queries. The bound says nothing about how far below c a row's
-    scores lie: where it is loose, the exps underflow.
+    (NumPy's float32 exp2 is usually the cheaper where it has an AVX-512 loop for it,
+    not in every process: chapter 13; on AVX2-only CPUs it is the dearer). By default
+    a tile is 1024 queries against blocks of 256 keys: 1 MiB of float32 scores, as
+    threaded_attention's 512 x 512, but each block of keys serves twice as many
+    queries (a call with fewer tiles than workers leaves some idle). The bound says
+    nothing about how far below c a row's scores lie: where it is loose, the exps
+    underflow.
     Rows whose sum of exps ends below sqrt(tiny) (2**-63 in float32), or is NaN, are
     recomputed with the running max of `_attend_query_tile`; in a row above it, the
     exps lost to underflow (each below tiny) weigh at most S * 2**-63 of the sum.
@@ -763,10 +765,10 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 1024, 
     batch = out.shape[:-2]
     work = np.promote_types(out.dtype, np.float32)  # float16 has too little range for exps of s - c
     q, k, v = (np.ascontiguousarray(a, dtype=work) for a in (q, k, v))  # copies only if not already
-    # Built before broadcasting, so that keys shared by several heads are copied once.
+    # Built before broadcasting, so that keys and values shared by several heads are copied once.
     k_norm = np.sqrt(np.max(np.sum(k * k, axis=-1), axis=-1, initial=0))  # (...,): each head's longest key
-    k1 = np.concatenate([k, np.ones_like(k[..., :1])], axis=-1)  # (..., S, D + 1): a column of ones
-    v1 = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1)  # (..., S, Dv + 1): the same for the sums
+    k1 = np.concatenate([k, np.ones((*k.shape[:-1], 1), work)], axis=-1)  # (..., S, D + 1): a column of ones
+    v1 = np.concatenate([v, np.ones((*v.shape[:-1], 1), work)], axis=-1)  # (..., S, Dv + 1): the same for the sums
     k_norm = np.broadcast_to(k_norm, batch)
     q, k, k1, v, v1 = (np.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, k1, v, v1))  # one head per index
     threshold = np.sqrt(np.finfo(work).tiny)  # 2**-63 in float32
@@ -789,7 +791,11 @@ def fixed_shift_attention(query, key, value, mask=None, block_size: int = 1024, 
 
 
 def _attend_with_shift(q1, k1, v1, mask, block_size: int):
-    """Sums exp(s - c) @ v and exp(s - c) over the keys, block by block: q1 = (q, -c), k1 = (k, 1), v1 = (v, 1)."""
+    """Sums exp(s - c) @ v and exp(s - c) over the keys, block by block, in base 2.
+
+    q1 = (q log2(e) / sqrt(D), -c) with c in base 2, k1 = (k, 1), v1 = (v, 1). Returns
+    (acc (Tb, Dv), l (Tb, 1)), two views of one (Tb, Dv + 1) array.
+    """
     acc = np.zeros((*q1.shape[:-1], v1.shape[-1]), dtype=v1.dtype)  # (Tb, Dv + 1): sum of p @ (v, 1)
     for j in range(0, k1.shape[-2], block_size):
         cols = slice(j, j + block_size)

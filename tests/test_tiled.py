@@ -256,6 +256,16 @@ def test_fixed_shift_falls_back_to_the_running_max_where_the_bound_is_loose():
         assert redone == []  # a tight bound: no row falls back
 
 
+@pytest.mark.parametrize("attention", [mnp.tiled_attention, mnp.threaded_attention, mnp.fixed_shift_attention])
+def test_values_of_width_zero_give_an_empty_output(attention):
+    """Dv = 0, as the reference allows: (..., T, 0), not an error (fixed_shift's (v, 1) must still get its 1)."""
+    rng = np.random.default_rng(5)
+    q, k = (rng.standard_normal((2, 7, 4)).astype(np.float32) for _ in range(2))
+    v = np.zeros((2, 7, 0), np.float32)
+    out = attention(q, k, v)
+    assert out.shape == mnp.scaled_dot_product_attention(q, k, v)[0].shape == (2, 7, 0)
+
+
 def test_fixed_shift_float16_is_computed_in_float32():
     """float16 cannot hold the sums: |k|^2 = 160000 overflows to inf (a zero query's shift: 0 * inf = NaN),
     and float16's sqrt(tiny) = 2**-7 is no guard against underflow. Computed in float32 and cast back, every
