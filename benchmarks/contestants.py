@@ -9,6 +9,8 @@ tensors once, before timing; converting the output back is part of the forward
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import mha
@@ -77,6 +79,33 @@ def make_numpy_lower_bound(w: mha.Weights, exp_and_sum: bool = False):
             np.sum(scores, axis=-1, keepdims=True, out=sums)
         np.matmul(scores, v, out=heads)  # (B, H, T, S) @ (B, H, S, D)
         return np.matmul(heads.reshape(b * t, e), w.w_o, out=out)  # (B*T, E) @ (E, E); heads not merged
+
+    return forward
+
+
+
+def make_numpy_out_of_place(w: mha.Weights):
+    """Not a contestant: the formula of the layer with every step a new array, and nothing else.
+
+    This is the least a NumPy layer must do when, like the reference (../shared/BOOK.md), it
+    writes nothing in place and keeps no buffers: the four projections with their biases,
+    q k^T / sqrt(D), the row max, exp(scores - max), the row sums, the division and weights @ v,
+    each allocating its result. It has no input checks, no mask and no guard for fully masked
+    rows, so the reference's time and memory beyond it are the reference's own overhead, and
+    its distance from PyTorch is the price of the rule. It returns what the layer returns.
+    """
+    h = w.num_heads
+
+    def softmax(scores):  # three (B, H, T, S) arrays at once: the scores, scores - max and exp, then the result
+        exp = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+        return exp / np.sum(exp, axis=-1, keepdims=True)
+
+    def forward(x):
+        b, t, e = x.shape
+        q, k, v = (mnp.split_heads(x @ w_ + b_, h)  # (B, T, E) -> (B, H, T, D)
+                   for w_, b_ in zip((w.w_q, w.w_k, w.w_v), w.biases()))
+        weights = softmax(q @ np.swapaxes(k, -1, -2) / math.sqrt(e // h))  # (B, H, T, S)
+        return mnp.merge_heads(weights @ v) @ w.w_o + w.biases()[3], weights  # (B, T, E), (B, H, T, S)
 
     return forward
 

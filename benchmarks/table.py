@@ -122,6 +122,11 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
 
 
+def computes_the_layer(name: str) -> bool:
+    """False for a floor that only times products in buffers: no output to check, no memory of its own."""
+    return pairs.FLOORS.get(name, True)
+
+
 def build_table(rows, names, cases_of, peaks, medians, results, load, notes) -> list[dict]:
     table = []
     diff = lambda ours, ref: max_diff(results[ours, label], results[ref, label])  # noqa: E731
@@ -143,8 +148,8 @@ def build_table(rows, names, cases_of, peaks, medians, results, load, notes) -> 
             else:
                 memory, memory_unit = ours_mib / ref_mib, "ratio of peaks"
                 ref_note = ""
-            if row.time_limit is None:  # a floor: its buffers were allocated before, no memory to compare
-                memory, memory_unit, ours_mib = float("nan"), "", float("nan")
+            if ours_mib != ours_mib:  # NaN: a floor whose buffers were allocated before, no memory to compare
+                memory, memory_unit = float("nan"), ""
             limits = (row.time_limit, row.memory_limit)
             table.append({
                 "ours": row.ours, "reference": row.reference, "case": label,
@@ -156,7 +161,7 @@ def build_table(rows, names, cases_of, peaks, medians, results, load, notes) -> 
                 "memory": "" if memory != memory else f"{memory:.2f}", "memory_unit": memory_unit,
                 "memory_limit": limits[1] or "",
                 "memory_verdict": verdict(memory, limits[1]),
-                "max_abs_diff": "" if row.time_limit is None else f"{diff(row.ours, row.reference):.1e}",
+                "max_abs_diff": f"{diff(row.ours, row.reference):.1e}" if computes_the_layer(row.ours) else "",
                 "load_avg": f"{load[label]:.2f}",
                 "note": "; ".join(n for n in (notes.get((row.reference, label), ""), ref_note) if n),
             })
@@ -187,7 +192,7 @@ def like_for_like(rounds: int, log, rows=None, names=None, cases_of=None) -> lis
     cases_of = cases_of or {name: cases for name, (_, cases) in pairs.IMPLEMENTATIONS.items()}
     floors = [pairs.Row(f, "nn.MultiheadAttention", None, None) for f in pairs.FLOORS if f in names]
     log("Peak memory, each implementation in a fresh process:")
-    peaks = memory_in_fresh_processes([n for n in names if n not in pairs.FLOORS], cases_of, log)
+    peaks = memory_in_fresh_processes([n for n in names if computes_the_layer(n)], cases_of, log)
     log(f"Time, every implementation in this process, {rounds} interleaved rounds:")
     medians, results, load, notes = times_in_this_process(names, cases_of, rounds, log)
     return build_table(list(rows) + floors, names, cases_of, peaks, medians, results, load, notes)

@@ -46,20 +46,24 @@ def small_cases(names):
 
 def test_like_for_like_table_on_small_cases():
     """Every torch and NumPy row, memory from child processes, one timed round: the two sides agree."""
-    names = ["mha.torch", "nn.MultiheadAttention", "mha.numpy", "floor: NumPy products",
+    floors = ["floor: NumPy products", "floor: out of place"]
+    names = ["mha.torch", "nn.MultiheadAttention", "mha.numpy", *floors,
              "mha.numpy.fixed_shift_attention", "F.scaled_dot_product_attention"]
     rows = [r for r in pairs.ROWS if r.ours in names]
     lines = []
     got = table.like_for_like(1, lines.append, rows=rows, names=names, cases_of=small_cases(names))
     assert [(r["ours"], r["case"]) for r in got] == [
-        (r.ours, c.label) for r in rows + [pairs.Row("floor: NumPy products", "", None, None)]
+        (r.ours, c.label) for r in rows + [pairs.Row(f, "", None, None) for f in floors]
         for c in small_cases(names)[r.ours]]
     for r in got:
         assert float(r["ours_ms"]) > 0 and float(r["reference_ms"]) > 0
         assert float(r["reference_peak_mib"]) >= 0
-        if r["time_limit"]:
+        if r["ours"] != "floor: NumPy products":  # the one that computes no layer: no output, no memory
             assert float(r["max_abs_diff"]) <= 1e-5, r
-    assert sum("in its own process" in line for line in lines) == len(names) - 1  # the floor needs none
+            assert float(r["ours_peak_mib"]) > 0 and float(r["memory"]) > 0, r
+        else:
+            assert r["max_abs_diff"] == r["ours_peak_mib"] == r["memory"] == "", r
+    assert sum("in its own process" in line for line in lines) == len(names) - 1  # the products floor needs none
     nn_rows = [r for r in got if r["reference"] == "nn.MultiheadAttention" and r["time_limit"]]
     assert all("_native_multi_head_attention" in r["note"] for r in nn_rows)  # its fused path ran
     assert "| mha.torch | nn.MultiheadAttention | B=2 T=64 causal |" in table.markdown(got)
@@ -124,6 +128,22 @@ def test_lower_bound_runs_the_layers_products(exp_and_sum):
     expected = (scores @ v).reshape(b * t, e) @ w.w_o  # the heads are not merged: only the product's size counts
     forward = contestants.make_numpy_lower_bound(w, exp_and_sum=exp_and_sum)
     np.testing.assert_allclose(forward(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_place_floor_is_the_layer_with_three_score_arrays():
+    """The out-of-place floor returns what mha.numpy's layer returns, and holds three (B, H, T, S) arrays
+    at its peak, as the reference does: no step writes in place."""
+    b, t, e, h = 2, 128, 64, 4
+    w = mha.Weights.random(e, h, seed=4)
+    x = np.random.default_rng(4).standard_normal((b, t, e)).astype(np.float32)
+    forward = contestants.make_numpy_out_of_place(w)
+    layer = mnp.MultiHeadAttention.from_weights(w)
+    for got, expected in zip(forward(x), layer(x)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    scores_mib = b * h * t * t * 4 / measure.MIB
+    floor_mib, _ = measure.traced_peak_mib(lambda: forward(x))
+    reference_mib, _ = measure.traced_peak_mib(lambda: layer(x))
+    assert 3 * scores_mib <= floor_mib <= reference_mib < 3.5 * scores_mib, (floor_mib, reference_mib, scores_mib)
 
 
 def test_lower_bound_allocates_nothing_once_warm():
