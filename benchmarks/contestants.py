@@ -2,7 +2,8 @@
 
 Each `make_*` function takes the weights and returns `forward(x)`, a function of a
 NumPy (B, T, E) float32 input that runs one self-attention forward (no mask) and
-returns its output as a NumPy array. Inputs are converted to each framework's
+returns its output as a NumPy array (the lower bound and the out-of-place floor below, which are
+not among the eight, excepted). Inputs are converted to each framework's
 tensors once, before timing; converting the output back is part of the forward
 (it is a copy of a (B, T, E) array, negligible next to attention).
 """
@@ -83,28 +84,30 @@ def make_numpy_lower_bound(w: mha.Weights, exp_and_sum: bool = False):
     return forward
 
 
-
 def make_numpy_out_of_place(w: mha.Weights):
-    """Not a contestant: the formula of the layer with every step a new array, and nothing else.
+    """Not a contestant: the layer's formula, every step a new array, holding as little as that allows.
 
-    This is the least a NumPy layer must do when, like the reference (../shared/BOOK.md), it
-    writes nothing in place and keeps no buffers: the four projections with their biases,
-    q k^T / sqrt(D), the row max, exp(scores - max), the row sums, the division and weights @ v,
-    each allocating its result. It has no input checks, no mask and no guard for fully masked
-    rows, so the reference's time and memory beyond it are the reference's own overhead, and
-    its distance from PyTorch is the price of the rule. It returns what the layer returns.
+    The steps are the reference's (the four projections with their biases, q k^T / sqrt(D),
+    the row max, exp(scores - max), the row sums, the division, weights @ v), each allocating
+    its result, nothing written in place and no buffers kept (../shared/BOOK.md). Each step of
+    the softmax rebinds one name, so the array before it is freed as soon as the step is done:
+    at most two (B, H, T, S) arrays are alive at once, a step's input and its output, the least
+    any code on whole arrays that writes nothing in place can hold. The reference holds three,
+    because its attention keeps the scores while its softmax runs. No input checks, no mask, no
+    guard for fully masked rows. It returns what the layer returns.
     """
     h = w.num_heads
 
-    def softmax(scores):  # three (B, H, T, S) arrays at once: the scores, scores - max and exp, then the result
-        exp = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-        return exp / np.sum(exp, axis=-1, keepdims=True)
+    def softmax(s):  # s is the only reference to the scores: each rebinding frees the array before
+        s = s - np.max(s, axis=-1, keepdims=True)
+        s = np.exp(s)
+        return s / np.sum(s, axis=-1, keepdims=True)
 
     def forward(x):
         b, t, e = x.shape
         q, k, v = (mnp.split_heads(x @ w_ + b_, h)  # (B, T, E) -> (B, H, T, D)
                    for w_, b_ in zip((w.w_q, w.w_k, w.w_v), w.biases()))
-        weights = softmax(q @ np.swapaxes(k, -1, -2) / math.sqrt(e // h))  # (B, H, T, S)
+        weights = softmax(q @ np.swapaxes(k, -1, -2) / math.sqrt(e // h))  # (B, H, T, S), no name kept
         return mnp.merge_heads(weights @ v) @ w.w_o + w.biases()[3], weights  # (B, T, E), (B, H, T, S)
 
     return forward

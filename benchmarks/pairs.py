@@ -137,7 +137,7 @@ def make_numpy_floor(case: Case, exp_and_sum: bool):
 
 
 def make_numpy_out_of_place(case: Case):
-    """Not a layer: the formula, each step a new array (see contestants.make_numpy_out_of_place)."""
+    """Not a contestant: the layer's formula, each step a new array (see contestants.make_numpy_out_of_place)."""
     from contestants import make_numpy_out_of_place as make
 
     forward = make(weights())

@@ -5,12 +5,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # make test runs two workers on two cores. After each call, OpenBLAS's (NumPy's) idle threads spin
-# for up to about 0.2 s waiting for more work, and libgomp's (PyTorch's OpenMP) for 300,000 spins
-# by default, on a core the other worker needs: a warm make test took 192 s and 350 busy CPU-seconds
-# with the libraries' defaults, 170-180 s and 302-304 with the spinning cut (three runs, 2026-12-04).
+# for about 0.1 s waiting for more work (0.10 s on the machine of 2026-12-08), and libgomp's
+# (PyTorch's OpenMP) for 300,000 spins by default, on a core the other worker needs: a warm make test
+# took 192 s and 350 busy CPU-seconds with the libraries' defaults, 170-180 s and 302-304 with the
+# spinning cut (three runs, 2026-12-04).
 # Only speed changes: nbval compares no timing, and the only timings asserted (chapter 13's np.exp
 # against np.exp2, in child processes; test_benchmarks' probe, only that it is positive) are of
-# single-threaded ufuncs. The kernels and subprocesses the tests start inherit these settings;
+# single-threaded ufuncs. The kernels and subprocesses the tests start inherit these settings
+# (chapter 13 measures the spin and sets its pause from it, so its pauses are shorter here too);
 # `make notebooks` (the stored outputs, chapter 13's timings among them) keeps the defaults.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # spin 2^4 cycles, OpenBLAS's least
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -58,11 +58,12 @@ def test_like_for_like_table_on_small_cases():
     for r in got:
         assert float(r["ours_ms"]) > 0 and float(r["reference_ms"]) > 0
         assert float(r["reference_peak_mib"]) >= 0
-        if r["ours"] != "floor: NumPy products":  # the one that computes no layer: no output, no memory
-            assert float(r["max_abs_diff"]) <= 1e-5, r
-            assert float(r["ours_peak_mib"]) > 0 and float(r["memory"]) > 0, r
-        else:
+        if r["ours"] == "floor: NumPy products":  # it computes no layer: no output to check, no memory
             assert r["max_abs_diff"] == r["ours_peak_mib"] == r["memory"] == "", r
+        else:
+            assert float(r["max_abs_diff"]) <= 1e-5, r
+    floor = [r for r in got if r["ours"] == "floor: out of place"]
+    assert floor and all(float(r["ours_peak_mib"]) > 0 and float(r["memory"]) > 0 for r in floor), floor
     assert sum("in its own process" in line for line in lines) == len(names) - 1  # the products floor needs none
     nn_rows = [r for r in got if r["reference"] == "nn.MultiheadAttention" and r["time_limit"]]
     assert all("_native_multi_head_attention" in r["note"] for r in nn_rows)  # its fused path ran
@@ -130,20 +131,21 @@ def test_lower_bound_runs_the_layers_products(exp_and_sum):
     np.testing.assert_allclose(forward(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_out_of_place_floor_is_the_layer_with_three_score_arrays():
-    """The out-of-place floor returns what mha.numpy's layer returns, and holds three (B, H, T, S) arrays
-    at its peak, as the reference does: no step writes in place."""
-    b, t, e, h = 2, 128, 64, 4
+def test_out_of_place_floor_is_the_layer_with_two_score_arrays():
+    """The out-of-place floor returns what mha.numpy's layer returns, with two (B, H, T, S) arrays alive
+    at its peak (a step's input and output) where the reference holds three."""
+    b, t, e, h = 2, 256, 64, 4
     w = mha.Weights.random(e, h, seed=4)
     x = np.random.default_rng(4).standard_normal((b, t, e)).astype(np.float32)
     forward = contestants.make_numpy_out_of_place(w)
     layer = mnp.MultiHeadAttention.from_weights(w)
     for got, expected in zip(forward(x), layer(x)):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-    scores_mib = b * h * t * t * 4 / measure.MIB
+    scores_mib = b * h * t * t * 4 / measure.MIB  # the rest (inputs, projections) is under 1/4 of this
     floor_mib, _ = measure.traced_peak_mib(lambda: forward(x))
     reference_mib, _ = measure.traced_peak_mib(lambda: layer(x))
-    assert 3 * scores_mib <= floor_mib <= reference_mib < 3.5 * scores_mib, (floor_mib, reference_mib, scores_mib)
+    assert 2 <= floor_mib / scores_mib < 2.5, floor_mib / scores_mib
+    assert 3 <= reference_mib / scores_mib < 3.5, reference_mib / scores_mib
 
 
 def test_lower_bound_allocates_nothing_once_warm():
