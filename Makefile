@@ -48,7 +48,7 @@ notebooks: venv
 
 ## bench: the like-for-like table: each of our layers (and chapter 13's threaded NumPy attention) beside
 ## the library implementation that does the same work, time (one process, interleaved, median of 7) and
-## peak memory (a fresh process each); writes benchmarks/results/like_for_like.{csv,md}. About 5 min.
+## peak memory (a fresh process each); writes benchmarks/results/like_for_like.{csv,md}. About 4 min.
 ## `$(PY) benchmarks/run.py --sweep` adds the sweep over T = 128 ... 8192 (attention.csv, time.png, memory.png).
 bench: venv
 	$(PY) benchmarks/run.py

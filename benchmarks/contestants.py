@@ -89,16 +89,19 @@ def make_numpy_out_of_place(w: mha.Weights):
 
     The steps are the reference's (the four projections with their biases, q k^T / sqrt(D),
     the row max, exp(scores - max), the row sums, the division, weights @ v), each allocating
-    its result, nothing written in place and no buffers kept (../shared/BOOK.md). Each step of
-    the softmax rebinds one name, so the array before it is freed as soon as the step is done:
-    at most two (B, H, T, S) arrays are alive at once, a step's input and its output, the least
-    any code on whole arrays that writes nothing in place can hold. The reference holds three,
-    because its attention keeps the scores while its softmax runs. No input checks, no mask, no
-    guard for fully masked rows. It returns what the layer returns.
+    its result, nothing written in place and no buffers kept (BOOK.md, in ../shared/ from the
+    repository root). The scores are made inside the function that takes their softmax, under
+    one name that each step rebinds, so the array before a step is freed as soon as the step is
+    done: at most two (B, H, T, S) arrays are alive at once, a step's input and its output, the
+    least any code on whole arrays that writes nothing in place can hold. The reference holds
+    three, because its softmax keeps its input under a name through every step (the scores,
+    x - m and exp(x - m) at once). No input checks, no mask, no guard for fully masked rows. It
+    returns what the layer returns.
     """
     h = w.num_heads
 
-    def softmax(s):  # s is the only reference to the scores: each rebinding frees the array before
+    def weights_of(q, k):  # the scores exist only under s: each rebinding frees the array before
+        s = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
         s = s - np.max(s, axis=-1, keepdims=True)
         s = np.exp(s)
         return s / np.sum(s, axis=-1, keepdims=True)
@@ -107,7 +110,7 @@ def make_numpy_out_of_place(w: mha.Weights):
         b, t, e = x.shape
         q, k, v = (mnp.split_heads(x @ w_ + b_, h)  # (B, T, E) -> (B, H, T, D)
                    for w_, b_ in zip((w.w_q, w.w_k, w.w_v), w.biases()))
-        weights = softmax(q @ np.swapaxes(k, -1, -2) / math.sqrt(e // h))  # (B, H, T, S), no name kept
+        weights = weights_of(q, k)  # (B, H, T, S)
         return mnp.merge_heads(weights @ v) @ w.w_o + w.biases()[3], weights  # (B, T, E), (B, H, T, S)
 
     return forward

@@ -1,6 +1,6 @@
 """`make bench`: the like-for-like table (pairs.py, table.py), and on request the sweep over T.
 
-    python benchmarks/run.py                  # the table: every row of the book's speed targets (~5 min)
+    python benchmarks/run.py                  # the table: every row of the book's speed targets (~4 min)
     python benchmarks/run.py --rounds 3       # the same, quicker and noisier
     python benchmarks/run.py --no-table --sweep --lengths 128 512 --runs 3   # the sweep alone, a quick look
 

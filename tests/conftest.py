@@ -5,7 +5,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # make test runs two workers on two cores. After each call, OpenBLAS's (NumPy's) idle threads spin
-# for about 0.1 s waiting for more work (0.10 s on the machine of 2026-12-08), and libgomp's
+# for about 0.1 s waiting for more work (0.10-0.11 s on the machine of 2026-12-08), and libgomp's
 # (PyTorch's OpenMP) for 300,000 spins by default, on a core the other worker needs: a warm make test
 # took 192 s and 350 busy CPU-seconds with the libraries' defaults, 170-180 s and 302-304 with the
 # spinning cut (three runs, 2026-12-04).
