@@ -107,7 +107,6 @@ def make_numpy_out_of_place(w: mha.Weights):
         return s / np.sum(s, axis=-1, keepdims=True)
 
     def forward(x):
-        b, t, e = x.shape
         q, k, v = (mnp.split_heads(x @ w_ + b_, h)  # (B, T, E) -> (B, H, T, D)
                    for w_, b_ in zip((w.w_q, w.w_k, w.w_v), w.biases()))
         weights = weights_of(q, k)  # (B, H, T, S)

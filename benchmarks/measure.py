@@ -27,8 +27,7 @@ except OSError:  # not glibc: no trimming, the RSS figures are then upper bounds
 # After a call, OpenBLAS (NumPy) keeps its worker threads spinning for a while: 0.10-0.11 s on the machine
 # of 2026-12-08, PyTorch's for at most 0.01 s (benchmarks/README.md). On 2 cores, a call from another
 # library made in that window shares the cores with the idle spinners and can take about twice as long;
-# that would be measuring
-# the previous call, not this one. Timed calls therefore start after this pause.
+# that would be measuring the previous call, not this one. Timed calls therefore start after this pause.
 PAUSE_S = 0.25
 
 

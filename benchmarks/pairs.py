@@ -194,7 +194,8 @@ ROWS = [
     Row("mha.numpy.fixed_shift_attention", "F.scaled_dot_product_attention", 1.1, 64, beyond_output=True),
 ]
 # Context for the numpy row, with no limit: name -> whether it computes the layer (its output is compared
-# with the reference's, max_abs_diff, and its memory measured) or only times its products in buffers allocated once.
+# with the reference's, max_abs_diff, and its memory measured) or only times its products in buffers
+# allocated once.
 FLOORS = {"floor: NumPy products": False, "floor: + exp, row sums": False, "floor: out of place": True}
 
 

@@ -148,7 +148,7 @@ def build_table(rows, names, cases_of, peaks, medians, results, load, notes) -> 
             else:
                 memory, memory_unit = ours_mib / ref_mib, "ratio of peaks"
                 ref_note = ""
-            if ours_mib != ours_mib:  # NaN: a floor whose buffers were allocated before, no memory to compare
+            if not computes_the_layer(row.ours):  # its buffers were allocated before: no memory to compare
                 memory, memory_unit = float("nan"), ""
             limits = (row.time_limit, row.memory_limit)
             table.append({
